@@ -1,0 +1,127 @@
+"""Device mesh over the axes ('data', 'fsdp', 'tensor') and multi-host start-up.
+
+One mesh spans every device of every host. `data` shards the batch only (parameters are
+replicated along it), `fsdp` shards both the batch and the parameters (ZeRO-3 style), and
+`tensor` shards parameter dims inside a layer (heads, mlp, vocab).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Environment variables that mean "this process is one of several hosts of one job".
+_MULTI_HOST_ENV = (
+    "JAX_COORDINATOR_ADDRESS",  # set by hand / launch scripts
+    "TPU_WORKER_HOSTNAMES",  # Cloud TPU VMs with more than one host
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Fills the one `-1` entry of `shape` so that the product equals `num_devices`.
+
+    Args:
+      shape: sizes per mesh axis, e.g. `{"data": -1, "fsdp": 1, "tensor": 1}`; missing axes
+        count as 1; at most one axis may be -1.
+      num_devices: number of devices the mesh must cover.
+
+    Returns:
+      The sizes of ('data', 'fsdp', 'tensor').
+    """
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(
+            f"Mesh shape {dict(shape)} names unknown axes {sorted(unknown)}; use only {MESH_AXES}."
+        )
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"Mesh shape {dict(shape)} has more than one -1; give at most one.")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"Mesh shape {dict(shape)} has a size that is 0 or below -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(
+                f"Mesh shape {dict(shape)}: the fixed axes multiply to {known}, which does not "
+                f"divide the {num_devices} devices; choose sizes whose product divides "
+                f"{num_devices}."
+            )
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"Mesh shape {dict(shape)} covers {known} devices but {num_devices} are "
+            f"available; make the product equal {num_devices} or set one axis to -1."
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(
+    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
+    """Builds a `Mesh` over ('data', 'fsdp', 'tensor') with Auto axis types.
+
+    Args:
+      shape: sizes per axis (see `resolve_mesh_shape`); default all devices on `data`.
+      devices: the devices to use (default `jax.devices()`, i.e. all hosts). Passing a
+        subset builds a sub-mesh (tests use this to restore onto fewer devices).
+    """
+    shape = {"data": -1} if shape is None else dict(shape)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices is None:
+        sizes = resolve_mesh_shape(shape, jax.device_count())
+        # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto)
+    devices = list(devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    device_array = np.asarray(devices, dtype=object).reshape(sizes)
+    return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=auto)
+
+
+def is_multi_host_environment() -> bool:
+    """True when environment variables say that this process is one host of several."""
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        return True
+    if os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):
+        return True
+    return any(os.environ.get(name) for name in _MULTI_HOST_ENV if name != "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
+    """Calls `jax.distributed.initialize()` once when running as one process per host.
+
+    Must run before anything touches devices. On Cloud TPU no arguments are needed; on
+    GPU clusters pass `coordinator_address`, `num_processes`, `process_id` via `kwargs`
+    (or set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
+
+    Args:
+      force: True -> always initialise; False -> never; None -> detect from environment.
+      **kwargs: passed to `jax.distributed.initialize`.
+
+    Returns:
+      Whether the distributed runtime was initialised by this call.
+    """
+    wanted = is_multi_host_environment() if force is None else force
+    if not wanted:
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed initialised: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
