@@ -1,0 +1,220 @@
+"""Visual prompts sampled from an object mask, and the text prompt templates.
+
+`sample_visual_prompt` is shared by training, evaluation and the annotation pipeline. One
+call picks one prompt kind with the configured probabilities:
+
+- "points": 1..max_positive points inside the mask (PROMPT_POSITIVE) and 0..max_negative
+  points outside it (PROMPT_NEGATIVE);
+- "line": `line_points` points (PROMPT_LINE) evenly spaced along a random straight stroke
+  through the mask, every point on a mask pixel;
+- "box": the mask's bounding box as two corners (PROMPT_BOX_TOP_LEFT / _BOTTOM_RIGHT),
+  optionally jittered;
+- "mask": the mask itself as a dense prompt (`has_prompt_mask`);
+- "none": no prompt.
+
+Coordinates are (x, y) in [0, 1] of the width / height; a pixel (row r, col c) has its
+centre at ((c + 0.5) / W, (r + 0.5) / H). Unused slots are PROMPT_PAD with (0, 0).
+An absent or empty mask always gives "none".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from pixelvla_jax.models.observation import (
+    PROMPT_BOX_BOTTOM_RIGHT,
+    PROMPT_BOX_TOP_LEFT,
+    PROMPT_LINE,
+    PROMPT_NEGATIVE,
+    PROMPT_PAD,
+    PROMPT_POSITIVE,
+)
+
+PROMPT_KINDS = ("points", "line", "box", "mask", "none")
+
+# DESIGN §1.3: the paper's template with our placeholder words.
+PIXELVLA_TEMPLATE = (
+    "In: What should the robot do to {instruction}, refer to <pixel> <prompt>?\nOut:"
+)
+# The released OpenVLA-7B checkpoint's prompt.
+OPENVLA_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+TEMPLATES = {"pixelvla": PIXELVLA_TEMPLATE, "openvla": OPENVLA_TEMPLATE}
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """How visual prompts are sampled. `kind_probs` follow PROMPT_KINDS' order."""
+
+    max_points: int = 8  # P: fixed number of prompt slots
+    kind_probs: tuple[float, float, float, float, float] = (0.25, 0.2, 0.2, 0.15, 0.2)
+    max_positive: int = 3
+    max_negative: int = 2
+    line_points: int = 5
+    box_jitter: float = 0.0  # std of corner noise as a fraction of the box side
+
+    def __post_init__(self):
+        if len(self.kind_probs) != len(PROMPT_KINDS):
+            raise ValueError(
+                f"PromptConfig.kind_probs needs {len(PROMPT_KINDS)} entries for {PROMPT_KINDS},"
+                f" got {self.kind_probs}."
+            )
+        if min(self.kind_probs) < 0 or sum(self.kind_probs) <= 0:
+            raise ValueError(
+                f"PromptConfig.kind_probs must be >= 0 and not all 0: {self.kind_probs}"
+            )
+        need = max(self.max_positive + self.max_negative, self.line_points, 2)
+        if need > self.max_points:
+            raise ValueError(
+                f"PromptConfig.max_points={self.max_points} is too small: the configured prompts "
+                f"need up to {need} slots (max_positive + max_negative, line_points, 2 box corners)."
+            )
+        if self.max_positive < 1 or self.line_points < 1:
+            raise ValueError("PromptConfig: max_positive and line_points must be >= 1.")
+
+
+def _pixel_to_xy(rows, cols, height: int, width: int) -> np.ndarray:
+    return np.stack(
+        [(np.asarray(cols) + 0.5) / width, (np.asarray(rows) + 0.5) / height], axis=-1
+    ).astype(np.float32)
+
+
+def empty_prompt(max_points: int, height: int, width: int) -> dict:
+    """The "none" prompt: all slots PROMPT_PAD, zero prompt mask."""
+    return dict(
+        prompt_points=np.zeros((max_points, 2), np.float32),
+        prompt_types=np.full((max_points,), PROMPT_PAD, np.int32),
+        prompt_mask=np.zeros((height, width), np.float32),
+        has_prompt_mask=np.bool_(False),
+    )
+
+
+def _line_through_mask(binary: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n (row, col) mask pixels evenly spaced along a random stroke through the mask."""
+    rows, cols = np.nonzero(binary)
+    k = rng.integers(len(rows))
+    r0, c0 = rows[k] + 0.5, cols[k] + 0.5
+    angle = rng.uniform(0.0, np.pi)
+    dr, dc = np.sin(angle), np.cos(angle)
+    h, w = binary.shape
+    reach = int(np.hypot(h, w)) + 1
+    # March in both directions in 1-pixel steps while on the mask: a contiguous run.
+    steps = np.arange(-reach, reach + 1, dtype=np.float64)
+    rr = np.floor(r0 + steps * dr).astype(np.int64)
+    cc = np.floor(c0 + steps * dc).astype(np.int64)
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    inside = np.zeros_like(valid)
+    inside[valid] = binary[rr[valid], cc[valid]]
+    centre = reach  # step 0 is the anchor pixel, inside by construction
+    lo = centre
+    while lo - 1 >= 0 and inside[lo - 1]:
+        lo -= 1
+    hi = centre
+    while hi + 1 < len(steps) and inside[hi + 1]:
+        hi += 1
+    picks = np.round(np.linspace(lo, hi, n)).astype(np.int64)
+    return np.stack([rr[picks], cc[picks]], axis=-1)
+
+
+def sample_visual_prompt(
+    mask: np.ndarray | None,
+    rng: np.random.Generator,
+    cfg: PromptConfig = PromptConfig(),
+    image_size: tuple[int, int] | None = None,
+) -> dict:
+    """Samples one visual prompt from an object mask.
+
+    Args:
+      mask: [H, W] (bool / uint8 / float; > 0.5 is object) or None when absent.
+      rng: numpy Generator.
+      cfg: PromptConfig.
+      image_size: (H, W) of the zero prompt mask when `mask` is None (default 224 x 224).
+    Returns:
+      dict(prompt_points float32 [P, 2] (x, y) in [0, 1], prompt_types int32 [P],
+           prompt_mask float32 [H, W], has_prompt_mask bool).
+    """
+    p = cfg.max_points
+    if mask is None:
+        h, w = image_size or (224, 224)
+        return empty_prompt(p, h, w)
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"sample_visual_prompt: expected a mask [H, W], got shape {mask.shape}.")
+    h, w = mask.shape
+    binary = mask > 0.5 if mask.dtype.kind == "f" else mask > 0
+    out = empty_prompt(p, h, w)
+    if not binary.any():
+        return out
+    probs = np.asarray(cfg.kind_probs, np.float64)
+    kind = PROMPT_KINDS[rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())]
+    points, types = out["prompt_points"], out["prompt_types"]
+
+    if kind == "points":
+        rows, cols = np.nonzero(binary)
+        n_pos = int(rng.integers(1, cfg.max_positive + 1))
+        pick = rng.choice(len(rows), size=n_pos, replace=len(rows) < n_pos)
+        points[:n_pos] = _pixel_to_xy(rows[pick], cols[pick], h, w)
+        types[:n_pos] = PROMPT_POSITIVE
+        n_neg = int(rng.integers(0, cfg.max_negative + 1))
+        if n_neg and not binary.all():
+            nrows, ncols = np.nonzero(~binary)
+            pick = rng.choice(len(nrows), size=n_neg, replace=len(nrows) < n_neg)
+            points[n_pos : n_pos + n_neg] = _pixel_to_xy(nrows[pick], ncols[pick], h, w)
+            types[n_pos : n_pos + n_neg] = PROMPT_NEGATIVE
+    elif kind == "line":
+        rc = _line_through_mask(binary, rng, cfg.line_points)
+        points[: cfg.line_points] = _pixel_to_xy(rc[:, 0], rc[:, 1], h, w)
+        types[: cfg.line_points] = PROMPT_LINE
+    elif kind == "box":
+        rows_any = np.nonzero(binary.any(axis=1))[0]
+        cols_any = np.nonzero(binary.any(axis=0))[0]
+        x0, x1 = cols_any[0] / w, (cols_any[-1] + 1) / w
+        y0, y1 = rows_any[0] / h, (rows_any[-1] + 1) / h
+        if cfg.box_jitter > 0:
+            bw, bh = x1 - x0, y1 - y0
+            nx0, nx1 = np.array([x0, x1]) + rng.normal(0.0, cfg.box_jitter * bw, 2)
+            ny0, ny1 = np.array([y0, y1]) + rng.normal(0.0, cfg.box_jitter * bh, 2)
+            x0, x1 = sorted((float(np.clip(nx0, 0, 1)), float(np.clip(nx1, 0, 1))))
+            y0, y1 = sorted((float(np.clip(ny0, 0, 1)), float(np.clip(ny1, 0, 1))))
+        points[0] = (x0, y0)
+        points[1] = (x1, y1)
+        types[0] = PROMPT_BOX_TOP_LEFT
+        types[1] = PROMPT_BOX_BOTTOM_RIGHT
+    elif kind == "mask":
+        out["prompt_mask"] = binary.astype(np.float32)
+        out["has_prompt_mask"] = np.bool_(True)
+    return out
+
+
+def prompt_kind(prompt: dict) -> str:
+    """Which of PROMPT_KINDS a sampled prompt is (for statistics and tests)."""
+    types = np.asarray(prompt["prompt_types"])
+    if bool(prompt["has_prompt_mask"]):
+        return "mask"
+    if (types == PROMPT_LINE).any():
+        return "line"
+    if (types == PROMPT_BOX_TOP_LEFT).any():
+        return "box"
+    if (types == PROMPT_POSITIVE).any():
+        return "points"
+    return "none"
+
+
+def format_instruction(instruction, template: str = PIXELVLA_TEMPLATE) -> str:
+    """Fills a prompt template with a task instruction (lower-cased and stripped, as OpenVLA).
+
+    Args:
+      instruction: str or bytes (RLDS text comes back as bytes).
+      template: a format string with `{instruction}`, or a name in TEMPLATES
+        ("pixelvla" = DESIGN §1.3, "openvla" = the released OpenVLA-7B prompt).
+    """
+    if isinstance(instruction, (bytes, bytearray, np.bytes_)):
+        instruction = bytes(instruction).decode("utf-8")
+    template = TEMPLATES.get(template, template)
+    if "{instruction}" not in template:
+        raise ValueError(
+            f"format_instruction: template {template!r} has no '{{instruction}}' field; use one of"
+            f" {sorted(TEMPLATES)} or a format string containing it."
+        )
+    return template.format(instruction=str(instruction).strip().lower())

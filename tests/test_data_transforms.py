@@ -1,0 +1,251 @@
+"""Frame transforms, normalisation and visual prompts (pure numpy; no datasets needed)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelvla_jax.data import image as image_lib
+from pixelvla_jax.data import normalization, prompts
+from pixelvla_jax.models import observation as obs
+
+SQUARE_COLOUR = np.array([230, 30, 30], np.uint8)
+
+
+def _scene(size=224, box=(70, 90, 150, 160)):
+    """Grey-green noisy background with a red square; returns image and its exact mask."""
+    rng = np.random.default_rng(0)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[...] = (60, 140, 90)
+    img = np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+    y0, x0, y1, x1 = box
+    img[y0:y1, x0:x1] = SQUARE_COLOUR
+    mask = np.zeros((size, size), np.float32)
+    mask[y0:y1, x0:x1] = 1
+    return img, mask
+
+
+def _encode(arr, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_decode_and_resize():
+    img, mask = _scene(256, box=(64, 64, 192, 128))
+    dec = image_lib.decode_image(_encode(img, "PNG"))
+    np.testing.assert_array_equal(dec, img)
+    out = image_lib.resize_image(dec, 224)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    # Lanczos keeps the flat red interior exactly red.
+    np.testing.assert_allclose(out[112, 84].astype(int), SQUARE_COLOUR.astype(int), atol=3)
+    assert image_lib.resize_image(out, 224) is out  # already at size -> unchanged
+    m = image_lib.resize_mask(image_lib.decode_mask(_encode((mask * 255).astype(np.uint8), "PNG")))
+    assert m.shape == (224, 224) and m.dtype == np.float32
+    assert set(np.unique(m)) == {0.0, 1.0}
+    # 256 -> 224 nearest: the box [64, 192) x [64, 128) maps to [56, 168) x [56, 112).
+    assert m[56:168, 56:112].all() and m.sum() == pytest.approx(112 * 56, rel=0.03)
+    with pytest.raises(ValueError, match="decode"):
+        image_lib.decode_image(b"not an image")
+
+
+def test_augment_keeps_mask_aligned_with_image():
+    img, mask = _scene()
+    cfg = image_lib.AugmentConfig()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        out, out_mask = image_lib.augment(img, mask, rng, cfg)
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert out_mask.shape == mask.shape and out_mask.dtype == np.float32
+        inside = out_mask > 0.5
+        # Crop scale 0.9 keeps ~90% of the area: the square shrinks by <= ~6% per side, grows
+        # by up to 1/0.949.
+        assert 0.8 * mask.sum() < inside.sum() < 1.25 * mask.sum()
+        # Inside the mask (away from its 1-pixel blurred border) the pixels are "the red square":
+        # red dominates; outside the mask red never dominates.
+        core = inside & np.roll(inside, 2, 0) & np.roll(inside, -2, 0)
+        core &= np.roll(inside, 2, 1) & np.roll(inside, -2, 1)
+        red = out[..., 0].astype(int) - np.maximum(out[..., 1], out[..., 2]).astype(int)
+        assert (red[core] > 60).all(), seed
+        near = inside | np.roll(inside, 2, 0) | np.roll(inside, -2, 0)
+        near |= np.roll(inside, 2, 1) | np.roll(inside, -2, 1)
+        assert (red[~near] < 20).all(), seed
+        # The blurred border stays within one pixel of the mask's edge.
+        assert (red[~inside] < 60).sum() >= (~inside).sum() - 4 * np.sqrt(inside.sum()) * 2
+
+
+def test_augment_is_deterministic_and_varies():
+    img, mask = _scene()
+    a = image_lib.augment(img, mask, np.random.default_rng(3))
+    b = image_lib.augment(img, mask, np.random.default_rng(3))
+    c = image_lib.augment(img, mask, np.random.default_rng(4))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    out, none_mask = image_lib.augment(img, None, np.random.default_rng(0))
+    assert none_mask is None and out.shape == img.shape
+    with pytest.raises(ValueError, match="does not match"):
+        image_lib.augment(img, mask[:100], np.random.default_rng(0))
+
+
+def test_center_crop_matches_crop_geometry():
+    img, mask = _scene()
+    out, m = image_lib.center_crop(img, mask, scale=0.9)
+    assert out.shape == img.shape and m.shape == mask.shape
+    side = np.sqrt(0.9)
+    assert m.sum() == pytest.approx(mask.sum() / side**2, rel=0.05)
+
+
+STATS = {
+    "action": {
+        "q01": [-1.0, -2.0, 0.0, -0.5, -0.5, -0.5, 0.0],
+        "q99": [1.0, 2.0, 4.0, 0.5, 0.5, 0.5, 1.0],
+        "mask": [True] * 6 + [False],
+    },
+    "proprio": {"q01": [0.0, -1.0], "q99": [2.0, 1.0]},
+}
+
+
+def test_normalize_round_trip_and_mask():
+    rng = np.random.default_rng(0)
+    q01 = np.array(STATS["action"]["q01"])
+    q99 = np.array(STATS["action"]["q99"])
+    raw = rng.uniform(q01, q99, (5, 8, 7)).astype(np.float32)
+    raw[..., 6] = rng.uniform(-3, 3, (5, 8))  # gripper: arbitrary values, untouched
+    normed = normalization.normalize_bounds_q99(raw, STATS["action"])
+    assert normed.shape == raw.shape and normed.dtype == np.float32
+    assert np.abs(normed[..., :6]).max() <= 1.0
+    np.testing.assert_array_equal(normed[..., 6], raw[..., 6])
+    np.testing.assert_allclose(normed[0, 0, 0], 2 * (raw[0, 0, 0] + 1) / 2 - 1, atol=1e-6)
+    back = normalization.unnormalize_bounds_q99(normed, STATS["action"])
+    np.testing.assert_allclose(back, raw, atol=1e-5)
+    # Out-of-range values are clipped to [-1, 1].
+    far = normalization.normalize_bounds_q99(np.full((7,), 100.0), STATS["action"])
+    np.testing.assert_array_equal(far[:6], 1.0)
+    assert far[6] == 100.0
+    # jax arrays stay jax arrays.
+    import jax.numpy as jnp
+
+    j = normalization.unnormalize_bounds_q99(jnp.asarray(normed), STATS["action"])
+    np.testing.assert_allclose(np.asarray(j), raw, atol=1e-5)
+    with pytest.raises(ValueError, match="last dim 3"):
+        normalization.normalize_bounds_q99(np.zeros((3,)), STATS["action"])
+    a, p = normalization.normalize_sample(raw[0], np.array([1.0, 0.0]), STATS)
+    np.testing.assert_allclose(p, [0.0, 0.0], atol=1e-6)
+    _, empty = normalization.normalize_sample(raw[0], np.zeros((0,)), STATS)
+    assert empty.shape == (0,)
+
+
+def test_gripper_conventions():
+    libero = np.array([-1.0, 1.0, 0.0])
+    np.testing.assert_allclose(normalization.libero_gripper_to_open01(libero), [1.0, 0.0, 0.5])
+    np.testing.assert_array_equal(
+        normalization.open01_to_libero_gripper(np.array([1.0, 0.9, 0.2, 0.0])), [-1, -1, 1, 1]
+    )
+    np.testing.assert_array_equal(normalization.binarize_gripper(np.array([0.2, 0.7])), [0, 1])
+
+
+# ------------------------------------------------------------------ visual prompts
+
+
+def _blob_mask(h=96, w=128):
+    yy, xx = np.mgrid[:h, :w]
+    m = ((yy - 40) ** 2 / 400 + (xx - 70) ** 2 / 900 <= 1).astype(np.float32)
+    m[60:70, 10:30] = 1  # a second, disjoint component
+    return m
+
+
+def _kind_cfg(kind, **kw):
+    probs = tuple(1.0 if k == kind else 0.0 for k in prompts.PROMPT_KINDS)
+    return prompts.PromptConfig(kind_probs=probs, **kw)
+
+
+def _pixels(points, h, w):
+    cols = np.floor(points[:, 0] * w).astype(int)
+    rows = np.floor(points[:, 1] * h).astype(int)
+    return rows, cols
+
+
+def test_prompt_points_inside_and_outside():
+    mask = _blob_mask()
+    h, w = mask.shape
+    cfg = _kind_cfg("points", max_points=8, max_positive=3, max_negative=2)
+    for seed in range(50):
+        out = prompts.sample_visual_prompt(mask, np.random.default_rng(seed), cfg)
+        pts, types = out["prompt_points"], out["prompt_types"]
+        assert pts.shape == (8, 2) and pts.dtype == np.float32 and types.dtype == np.int32
+        assert out["prompt_mask"].shape == (h, w) and not out["has_prompt_mask"]
+        pos, neg = types == obs.PROMPT_POSITIVE, types == obs.PROMPT_NEGATIVE
+        assert 1 <= pos.sum() <= 3 and neg.sum() <= 2
+        rows, cols = _pixels(pts, h, w)
+        assert mask[rows[pos], cols[pos]].all()
+        assert not mask[rows[neg], cols[neg]].any()
+        pad = types == obs.PROMPT_PAD
+        assert pad.sum() == 8 - pos.sum() - neg.sum()
+        np.testing.assert_array_equal(pts[pad], 0.0)
+        # Padding comes after the real prompts.
+        assert not pad[: (~pad).sum()].any()
+
+
+def test_prompt_line_points_inside():
+    mask = _blob_mask()
+    h, w = mask.shape
+    cfg = _kind_cfg("line", line_points=5)
+    for seed in range(50):
+        out = prompts.sample_visual_prompt(mask, np.random.default_rng(seed), cfg)
+        types = out["prompt_types"]
+        line = types == obs.PROMPT_LINE
+        assert line.sum() == 5 and (types[~line] == obs.PROMPT_PAD).all()
+        rows, cols = _pixels(out["prompt_points"][line], h, w)
+        assert mask[rows, cols].all(), seed
+        # Points are collinear and ordered along the stroke.
+        p = out["prompt_points"][line] * [w, h]
+        d = p[-1] - p[0]
+        if np.linalg.norm(d) > 3:
+            cross = np.abs(d[0] * (p[:, 1] - p[0, 1]) - d[1] * (p[:, 0] - p[0, 0]))
+            assert (cross / np.linalg.norm(d) < 1.5).all()
+
+
+def test_prompt_box_bounds_mask_and_mask_prompt():
+    mask = _blob_mask()
+    h, w = mask.shape
+    out = prompts.sample_visual_prompt(mask, np.random.default_rng(0), _kind_cfg("box"))
+    types, pts = out["prompt_types"], out["prompt_points"]
+    assert types[0] == obs.PROMPT_BOX_TOP_LEFT and types[1] == obs.PROMPT_BOX_BOTTOM_RIGHT
+    assert (types[2:] == obs.PROMPT_PAD).all()
+    rows, cols = np.nonzero(mask)
+    np.testing.assert_allclose(pts[0], [cols.min() / w, rows.min() / h], atol=1e-6)
+    np.testing.assert_allclose(pts[1], [(cols.max() + 1) / w, (rows.max() + 1) / h], atol=1e-6)
+
+    out = prompts.sample_visual_prompt(mask, np.random.default_rng(0), _kind_cfg("mask"))
+    assert out["has_prompt_mask"] and (out["prompt_types"] == obs.PROMPT_PAD).all()
+    np.testing.assert_array_equal(out["prompt_mask"], mask)
+
+
+def test_prompt_absent_mask_and_probabilities():
+    cfg = prompts.PromptConfig(kind_probs=(0.4, 0.1, 0.2, 0.1, 0.2))
+    for m in (None, np.zeros((32, 32), np.float32)):
+        out = prompts.sample_visual_prompt(m, np.random.default_rng(0), cfg, image_size=(32, 32))
+        assert prompts.prompt_kind(out) == "none" and out["prompt_mask"].shape == (32, 32)
+        assert (out["prompt_types"] == obs.PROMPT_PAD).all() and not out["has_prompt_mask"]
+    mask = _blob_mask()
+    rng = np.random.default_rng(1)
+    n = 2000
+    kinds = [prompts.prompt_kind(prompts.sample_visual_prompt(mask, rng, cfg)) for _ in range(n)]
+    for kind, p in zip(prompts.PROMPT_KINDS, cfg.kind_probs):
+        assert abs(kinds.count(kind) / n - p) < 0.04, (kind, kinds.count(kind) / n)
+    with pytest.raises(ValueError, match="max_points"):
+        prompts.PromptConfig(max_points=4, line_points=5)
+
+
+def test_format_instruction():
+    text = prompts.format_instruction(b"Put the Bowl on the plate ", "pixelvla")
+    assert text == (
+        "In: What should the robot do to put the bowl on the plate, refer to <pixel> <prompt>?\nOut:"
+    )
+    assert prompts.format_instruction("Open the drawer", "openvla") == (
+        "In: What action should the robot take to open the drawer?\nOut:"
+    )
+    with pytest.raises(ValueError, match="instruction"):
+        prompts.format_instruction("x", "no field here")

@@ -1,0 +1,45 @@
+"""The SentencePiece wrapper and the on-the-spot tiny tokenizer."""
+
+import pickle
+
+import pytest
+
+from pixelvla_jax.data import prompts
+from pixelvla_jax.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny.model", vocab_size=512)
+
+
+def test_training_is_deterministic(tmp_path, tiny):
+    other = train_tiny_tokenizer(tmp_path / "again.model", vocab_size=512)
+    with open(tiny.model_path, "rb") as a, open(other.model_path, "rb") as b:
+        assert a.read() == b.read()
+    assert tiny.vocab_size == 512
+
+
+def test_round_trip_and_special_ids(tiny):
+    text = prompts.format_instruction("Put the black bowl on the plate", "pixelvla")
+    ids = tiny.encode(text)
+    assert ids[0] == BOS_ID and BOS_ID not in ids[1:] and EOS_ID not in ids
+    assert all(0 <= i < tiny.vocab_size for i in ids)
+    assert tiny.decode(ids) == text  # newline and punctuation survive (identity normaliser)
+    assert tiny.encode(text, add_bos=False) == ids[1:]
+    assert tiny.encode(text, add_eos=True)[-1] == EOS_ID
+    odd = "Grasp the café mug — 日本 2x!"
+    assert tiny.decode(tiny.encode(odd)) == odd  # byte fallback
+    # Frequent training words are single pieces: prompts stay short.
+    assert len(ids) < len(text) // 2
+    assert (tiny.bos_id, tiny.eos_id, tiny.pad_id) == (1, 2, 0)
+
+
+def test_load_and_pickle(tiny, tmp_path):
+    loaded = Tokenizer(tiny.model_path)
+    text = "open the top drawer of the cabinet"
+    assert loaded.encode(text) == tiny.encode(text)
+    clone = pickle.loads(pickle.dumps(loaded))
+    assert clone.encode(text) == tiny.encode(text)
+    with pytest.raises(FileNotFoundError, match="train_tiny_tokenizer"):
+        Tokenizer(tmp_path / "missing.model")
