@@ -1,0 +1,423 @@
+"""The Grain input pipeline: step sources -> mixture -> per-sample transforms -> batches.
+
+    sources (one StepDataset per dataset; random access to standardised step samples)
+      -> per source: shard by JAX process, shuffle (seeded), repeat (reshuffled each epoch)
+      -> mixture with weights (optionally times the dataset sizes)
+      -> per-sample transform with an RNG seeded from (seed, global index):
+         decode, resize (the evaluation resize), augment (same crop on the mask),
+         visual prompt from the mask, text prompt -> tokens, BOUNDS_Q99 normalisation
+      -> thread-parallel reading -> batch (drop remainder) -> optional worker processes.
+
+Everything before the batch is a `grain.MapDataset`, so the iterator's state is one index:
+`it.get_state()` / `it.set_state(state)` resumes with identical batches. A batch is a dict
+of numpy arrays whose keys map 1:1 onto `pixelvla_jax.models.observation.Observation`
+fields plus `actions`, `action_pad_mask`, `proprio`, `dataset_id` (see `batch_spec`).
+
+Worker processes (`worker_count > 0`) use `mp_prefetch`; Grain then needs absl flags to be
+parsed (run under `absl.app.run`, or call `absl.flags.FLAGS.mark_as_parsed()` first), and
+the workers re-import `__main__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from pixelvla_jax.data import image as image_lib
+from pixelvla_jax.data import normalization, prompts
+from pixelvla_jax.data.tokenizer import PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = (
+    "image",
+    "pixel_mask",
+    "has_pixel_mask",
+    "prompt_points",
+    "prompt_types",
+    "prompt_mask",
+    "has_prompt_mask",
+    "tokens",
+    "token_mask",
+    "actions",
+    "action_pad_mask",
+    "proprio",
+    "dataset_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything the pipeline needs besides the sources (per-host batch size)."""
+
+    # (dataset name, weight) pairs; used by `build_sources` when no sources are given.
+    datasets: tuple[tuple[str, float], ...] = ()
+    data_dir: str = ""  # directory holding one sub-directory per dataset
+    cache_dir: str | None = None  # step-index cache (default: next to the data)
+    balance_by_size: bool = False  # weights *= dataset sizes (OpenVLA's balance_weights)
+    batch_size: int = 32  # per host
+    image_size: int = 224
+    action_chunk: int = 8  # N_c
+    action_dim: int = 7  # A
+    proprio_dim: int = 8  # Pd: proprio is zero-padded to this length
+    max_tokens: int = 48  # L
+    on_long_prompt: str = "error"  # "error" or "truncate" (counted, warned once)
+    prompt_template: str = "pixelvla"  # a name in prompts.TEMPLATES or a format string
+    augment: bool = True
+    augment_cfg: image_lib.AugmentConfig = image_lib.AugmentConfig()
+    visual_prompts: bool = True
+    prompt_cfg: prompts.PromptConfig = prompts.PromptConfig()
+    pixel_mask_dropout: float = 0.0  # probability to hide an existing mask (train "absent")
+    tokenizer_path: str = ""
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None = repeat forever
+    num_threads: int = 4  # reader threads (PIL releases the GIL)
+    prefetch_buffer_size: int = 128  # samples read ahead by the threads
+    worker_count: int = 0  # > 0: mp_prefetch worker processes
+    worker_buffer_size: int = 2  # batches per worker
+
+    @classmethod
+    def from_mapping(cls, cfg: Any) -> DataConfig:
+        """Builds a DataConfig from a DataConfig, a dict or an ml_collections.ConfigDict."""
+        if isinstance(cfg, cls):
+            return cfg
+        raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(
+                f"DataConfig: unknown fields {unknown}; known fields: {sorted(known)}."
+            )
+        raw = dict(raw)
+        if isinstance(raw.get("augment_cfg"), Mapping):
+            raw["augment_cfg"] = image_lib.AugmentConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in raw["augment_cfg"].items()}
+            )
+        if isinstance(raw.get("prompt_cfg"), Mapping):
+            pc = dict(raw["prompt_cfg"])
+            if "kind_probs" in pc:
+                pc["kind_probs"] = tuple(pc["kind_probs"])
+            raw["prompt_cfg"] = prompts.PromptConfig(**pc)
+        if "datasets" in raw:
+            raw["datasets"] = tuple((str(n), float(w)) for n, w in raw["datasets"])
+        return cls(**raw)
+
+
+def batch_spec(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """key -> (shape, dtype) of one per-host batch."""
+    b, s, p = cfg.batch_size, cfg.image_size, cfg.prompt_cfg.max_points
+    return {
+        "image": ((b, s, s, 3), np.dtype(np.uint8)),
+        "pixel_mask": ((b, s, s), np.dtype(np.float32)),
+        "has_pixel_mask": ((b,), np.dtype(bool)),
+        "prompt_points": ((b, p, 2), np.dtype(np.float32)),
+        "prompt_types": ((b, p), np.dtype(np.int32)),
+        "prompt_mask": ((b, s, s), np.dtype(np.float32)),
+        "has_prompt_mask": ((b,), np.dtype(bool)),
+        "tokens": ((b, cfg.max_tokens), np.dtype(np.int32)),
+        "token_mask": ((b, cfg.max_tokens), np.dtype(bool)),
+        "actions": ((b, cfg.action_chunk, cfg.action_dim), np.dtype(np.float32)),
+        "action_pad_mask": ((b, cfg.action_chunk), np.dtype(bool)),
+        "proprio": ((b, cfg.proprio_dim), np.dtype(np.float32)),
+        "dataset_id": ((b,), np.dtype(np.int32)),
+    }
+
+
+# ------------------------------------------------------------------ per-sample transform
+
+
+class _TagSource(grain.transforms.Map):
+    """sample -> (dataset_id, sample), so the transform picks that dataset's statistics."""
+
+    def __init__(self, dataset_id: int):
+        self.dataset_id = dataset_id
+
+    def map(self, element):
+        return self.dataset_id, element
+
+
+def _sample_context(sample: Mapping) -> str:
+    return (
+        f"dataset {sample.get('dataset_name', '?')!r}, episode {sample.get('episode_index', '?')},"
+        f" step {sample.get('step_index', '?')}"
+    )
+
+
+class SampleTransform(grain.transforms.RandomMap):
+    """One standardised step sample (+ dataset id) -> one model-ready example (numpy).
+
+    Picklable (for worker processes). The RNG comes from Grain, seeded by (seed, index).
+    """
+
+    def __init__(self, cfg: DataConfig, statistics: Sequence[Mapping], tokenizer: Tokenizer):
+        self.cfg = cfg
+        self.statistics = [dict(s) for s in statistics]
+        self.tokenizer = tokenizer
+        self._token_cache: dict[str, np.ndarray] = {}
+        self.truncated = 0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_token_cache"] = {}
+        return state
+
+    def tokens_for(self, instruction) -> np.ndarray:
+        """Instruction -> padded int32 [L] token ids (cached per instruction)."""
+        key = instruction if isinstance(instruction, str) else bytes(instruction).decode("utf-8")
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached
+        cfg = self.cfg
+        text = prompts.format_instruction(key, cfg.prompt_template)
+        ids = self.tokenizer.encode(text, add_bos=True)
+        if len(ids) > cfg.max_tokens:
+            if cfg.on_long_prompt == "error":
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens > max_tokens={cfg.max_tokens}: {text!r}. Raise "
+                    "DataConfig.max_tokens or set on_long_prompt='truncate'."
+                )
+            self.truncated += 1
+            if self.truncated == 1:
+                log.warning(
+                    "truncating prompt of %d tokens to %d: %r", len(ids), cfg.max_tokens, text
+                )
+            ids = ids[: cfg.max_tokens]
+        out = np.full((cfg.max_tokens,), PAD_ID, np.int32)
+        out[: len(ids)] = ids
+        if len(self._token_cache) < 100_000:
+            self._token_cache[key] = out
+        return out
+
+    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        dataset_id, sample = element
+        cfg = self.cfg
+        size = cfg.image_size
+
+        image = image_lib.decode_image(sample["image"])
+        mask = None
+        mask_bytes = sample.get("pixel_mask", b"")
+        if mask_bytes is not None and len(mask_bytes) > 0:
+            mask = image_lib.decode_mask(mask_bytes)
+            if mask.shape != image.shape[:2]:
+                raise ValueError(
+                    f"pixel_mask shape {mask.shape} does not match image shape {image.shape} "
+                    f"({_sample_context(sample)})."
+                )
+            mask = image_lib.resize_mask(mask, size)
+            if not mask.any() or (
+                cfg.pixel_mask_dropout > 0 and rng.random() < cfg.pixel_mask_dropout
+            ):
+                mask = None
+        image = image_lib.resize_image(image, size)
+        if cfg.augment:
+            image, mask = image_lib.augment(image, mask, rng, cfg.augment_cfg)
+            if mask is not None and not mask.any():
+                mask = None  # the crop removed the object
+        if cfg.visual_prompts:
+            prompt = prompts.sample_visual_prompt(
+                mask, rng, cfg.prompt_cfg, image_size=(size, size)
+            )
+        else:
+            prompt = prompts.empty_prompt(cfg.prompt_cfg.max_points, size, size)
+
+        tokens = self.tokens_for(sample["instruction"])
+
+        chunk = np.asarray(sample["action_chunk"], np.float32)
+        if chunk.shape != (cfg.action_chunk, cfg.action_dim):
+            raise ValueError(
+                f"action_chunk has shape {chunk.shape}, expected (action_chunk={cfg.action_chunk},"
+                f" action_dim={cfg.action_dim}) ({_sample_context(sample)}); build the sources "
+                "with the same chunk length as DataConfig.action_chunk."
+            )
+        proprio = np.asarray(sample.get("proprio", np.zeros((0,), np.float32)), np.float32)
+        actions, proprio = normalization.normalize_sample(
+            chunk, proprio, self.statistics[dataset_id]
+        )
+        if proprio.shape[-1] > cfg.proprio_dim:
+            raise ValueError(
+                f"proprio has {proprio.shape[-1]} dims > DataConfig.proprio_dim={cfg.proprio_dim} "
+                f"({_sample_context(sample)})."
+            )
+        proprio_out = np.zeros((cfg.proprio_dim,), np.float32)
+        proprio_out[: proprio.shape[-1]] = proprio
+
+        return {
+            "image": image,
+            "pixel_mask": mask if mask is not None else np.zeros((size, size), np.float32),
+            "has_pixel_mask": np.bool_(mask is not None),
+            "prompt_points": prompt["prompt_points"],
+            "prompt_types": prompt["prompt_types"],
+            "prompt_mask": prompt["prompt_mask"],
+            "has_prompt_mask": np.bool_(prompt["has_prompt_mask"]),
+            "tokens": tokens,
+            "token_mask": tokens != PAD_ID,
+            "actions": actions,
+            "action_pad_mask": np.asarray(sample["action_pad_mask"], bool),
+            "proprio": proprio_out,
+            "dataset_id": np.int32(dataset_id),
+        }
+
+
+# ------------------------------------------------------------------ sources
+
+
+def build_sources(cfg: DataConfig) -> tuple[list[Any], list[dict]]:
+    """Opens one StepDataset per `cfg.datasets` entry and loads its statistics.
+
+    Returns (sources, statistics) in the order of `cfg.datasets`.
+    """
+    import os
+
+    from pixelvla_jax.data import statistics as statistics_lib
+    from pixelvla_jax.data import step_index
+
+    if not cfg.datasets:
+        raise ValueError("DataConfig.datasets is empty: name at least one (name, weight) pair.")
+    sources, stats = [], []
+    for name, _ in cfg.datasets:
+        source = step_index.StepDataset(
+            os.path.join(cfg.data_dir, name),
+            name=name,
+            action_chunk=cfg.action_chunk,
+            cache_dir=cfg.cache_dir,
+        )
+        sources.append(source)
+        stats.append(statistics_lib.dataset_statistics(source))
+    return sources, stats
+
+
+def _process_shard(length: int, index: int, count: int) -> slice:
+    """Strided shard of equal size on every process (drops at most count - 1 samples)."""
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} is outside [0, process_count={count}).")
+    per_host = length // count
+    if per_host == 0:
+        raise ValueError(f"a source of {length} samples cannot be sharded over {count} processes.")
+    return slice(index, per_host * count, count)
+
+
+def make_sample_dataset(
+    cfg: DataConfig | Mapping,
+    sources: Sequence[Any],
+    statistics: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    weights: Sequence[float] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """The per-sample MapDataset (before batching); element = dict of model-ready arrays."""
+    import jax
+
+    cfg = DataConfig.from_mapping(cfg)
+    if len(sources) == 0:
+        raise ValueError("make_dataset: no sources given.")
+    if len(statistics) != len(sources):
+        raise ValueError(f"got {len(sources)} sources but {len(statistics)} statistics dicts.")
+    if weights is None:
+        weights = [w for _, w in cfg.datasets] if len(cfg.datasets) == len(sources) else None
+        weights = weights or [1.0] * len(sources)
+    if len(weights) != len(sources):
+        raise ValueError(f"got {len(sources)} sources but {len(weights)} weights.")
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+
+    parts, sizes = [], []
+    for i, source in enumerate(sources):
+        ds = grain.MapDataset.source(source)
+        ds = ds[_process_shard(len(ds), index, count)]
+        sizes.append(len(ds))
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed + 7919 * i)
+        ds = ds.repeat(cfg.num_epochs)
+        parts.append(ds.map(_TagSource(i)))
+    w = np.asarray(weights, np.float64)
+    if cfg.balance_by_size:
+        w = w * np.asarray(sizes, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mixture weights must be >= 0 and not all 0, got {list(w)}.")
+    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(w / w.sum()))
+    return mixed.random_map(SampleTransform(cfg, statistics, tokenizer), seed=cfg.seed)
+
+
+def make_dataset(
+    cfg: DataConfig | Mapping,
+    sources: Sequence[Any] | None = None,
+    statistics: Sequence[Mapping] | None = None,
+    tokenizer: Tokenizer | None = None,
+    weights: Sequence[float] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """The training input pipeline; `iter(make_dataset(...))` yields per-host batches.
+
+    Args:
+      cfg: DataConfig (or a dict / ConfigDict with its fields).
+      sources: StepDataset-like random-access sources (`len`, `[i]` -> step sample dict);
+        default: `build_sources(cfg)`.
+      statistics: one OpenVLA-layout statistics dict per source (default: with the sources).
+      tokenizer: default `Tokenizer(cfg.tokenizer_path)`.
+      weights: mixture weights per source (default: from `cfg.datasets`, else uniform).
+      process_index / process_count: this host's shard (default: JAX's).
+    Returns:
+      a grain IterDataset of dicts shaped as `batch_spec(cfg)`; its iterator has
+      `get_state()` / `set_state()`.
+    """
+    cfg = DataConfig.from_mapping(cfg)
+    if sources is None:
+        sources, built_stats = build_sources(cfg)
+        statistics = statistics if statistics is not None else built_stats
+    if statistics is None:
+        statistics = [s.statistics for s in sources]
+    if tokenizer is None:
+        if not cfg.tokenizer_path:
+            raise ValueError("make_dataset: give a tokenizer or set DataConfig.tokenizer_path.")
+        tokenizer = Tokenizer(cfg.tokenizer_path)
+    samples = make_sample_dataset(
+        cfg, sources, statistics, tokenizer, weights, process_index, process_count
+    )
+    read = grain.ReadOptions(
+        num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size
+    )
+    ds = samples.to_iter_dataset(read).batch(cfg.batch_size, drop_remainder=True)
+    if cfg.worker_count > 0:
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
+            )
+        )
+    return ds
+
+
+def to_global_array(batch: Mapping[str, np.ndarray], mesh, partition_spec=None):
+    """Per-host numpy batch -> dict of global `jax.Array`s sharded on `mesh`.
+
+    Args:
+      batch: dict of [B_host, ...] arrays (this process's part of the global batch).
+      mesh: a `jax.sharding.Mesh`.
+      partition_spec: a PartitionSpec for the leading (batch) axis used for every key, or a
+        dict key -> PartitionSpec. Default: the batch axis split over all mesh axes.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if partition_spec is None:
+        partition_spec = PartitionSpec(tuple(mesh.axis_names))
+
+    def spec_for(key):
+        if isinstance(partition_spec, Mapping):
+            if key not in partition_spec:
+                raise KeyError(f"to_global_array: no partition spec for batch key {key!r}.")
+            return partition_spec[key]
+        return partition_spec
+
+    out = {}
+    for key, value in batch.items():
+        sharding = NamedSharding(mesh, spec_for(key))
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    return out

@@ -1,0 +1,251 @@
+"""The Grain pipeline: batch layout, determinism, resume, host sharding, mixtures, global arrays."""
+
+import io
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelvla_jax.data import pipeline
+from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
+from pixelvla_jax.models.observation import Observation
+
+IMG = 72  # source frame size (resized to SIZE by the pipeline)
+SIZE = 64
+NC, A, P = 4, 7, 3
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class FakeStepSource:
+    """In-memory stand-in for data-sources' StepDataset (same sample dict).
+
+    proprio[0] carries the global sample index and proprio[1] the source id, so tests can
+    see which samples were read.
+    """
+
+    def __init__(self, n, source_id=0, with_masks=True):
+        self.n, self.source_id, self.with_masks = n, source_id, with_masks
+        rng = np.random.default_rng(source_id)
+        self._frames, self._masks = [], []
+        for k in range(4):
+            img = np.full((IMG, IMG, 3), (50, 120, 70), np.uint8)
+            x0, y0 = rng.integers(8, IMG - 30, 2)
+            img[y0 : y0 + 20, x0 : x0 + 20] = (220, 20, 20)
+            mask = np.zeros((IMG, IMG), np.uint8)
+            mask[y0 : y0 + 20, x0 : x0 + 20] = 255
+            self._frames.append(_png(img))
+            self._masks.append(_png(mask))
+            del k
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        i = int(i)
+        t = i % 10
+        chunk = np.tile(np.linspace(-1, 1, A, dtype=np.float32), (NC, 1)) * (t / 10)
+        return {
+            "image": self._frames[i % 4],
+            "wrist_image": b"",
+            "proprio": np.array([i, self.source_id, 0.5], np.float32),
+            "action_chunk": chunk,
+            "action_pad_mask": np.arange(NC) < max(1, 10 - t),
+            "instruction": ["pick up the red block", "Put the bowl on the plate"][i % 2],
+            "object_name": "red block",
+            "pixel_mask": self._masks[i % 4] if (self.with_masks and i % 3) else b"",
+            "dataset_name": f"fake{self.source_id}",
+            "episode_index": i // 10,
+            "step_index": t,
+        }
+
+
+STATS = {
+    "action": {"q01": [-1.0] * A, "q99": [1.0] * A, "mask": [True] * (A - 1) + [False]},
+    "num_transitions": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "t.model", vocab_size=400)
+
+
+def _cfg(**kw):
+    base = dict(
+        batch_size=4,
+        image_size=SIZE,
+        action_chunk=NC,
+        action_dim=A,
+        proprio_dim=5,
+        max_tokens=40,
+        num_threads=2,
+        prefetch_buffer_size=8,
+        seed=3,
+    )
+    base.update(kw)
+    return pipeline.DataConfig(**base)
+
+
+def _take(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batch_shapes_dtypes_and_contents(tokenizer):
+    cfg = _cfg()
+    ds = pipeline.make_dataset(
+        cfg, [FakeStepSource(40)], [STATS], tokenizer, process_count=1, process_index=0
+    )
+    batches = _take(ds, 3)
+    spec = pipeline.batch_spec(cfg)
+    assert tuple(spec) == pipeline.BATCH_KEYS
+    for batch in batches:
+        assert set(batch) == set(spec)
+        for key, (shape, dtype) in spec.items():
+            assert batch[key].shape == shape, key
+            assert batch[key].dtype == dtype, key
+        assert (batch["tokens"][:, 0] == 1).all()
+        np.testing.assert_array_equal(batch["token_mask"], batch["tokens"] != 0)
+        lengths = batch["token_mask"].sum(1)
+        assert (batch["token_mask"] == (np.arange(40)[None] < lengths[:, None])).all()
+        assert np.abs(batch["actions"][..., :6]).max() <= 1.0
+        has = batch["has_pixel_mask"]
+        assert (batch["pixel_mask"][~has] == 0).all()
+        assert (batch["pixel_mask"][has].reshape(has.sum(), -1).sum(1) > 0).all()
+        assert set(np.unique(batch["pixel_mask"])) <= {0.0, 1.0}
+        # Raw proprio passes through (no proprio statistics) and is zero-padded to 5.
+        np.testing.assert_array_equal(batch["proprio"][:, 2:], [[0.5, 0, 0]] * 4)
+    # Observation fields are a subset of the batch keys with matching shapes.
+    spec_obs = Observation.spec(4, image_size=SIZE, max_prompt_points=8, max_tokens=40)
+    for field in spec_obs.__dataclass_fields__:
+        assert getattr(spec_obs, field).shape == batches[0][field].shape, field
+    all_has = np.concatenate([b["has_pixel_mask"] for b in batches])
+    assert all_has.any() and not all_has.all()  # masks absent on every third sample
+
+
+def test_same_seed_same_batches_and_resume(tokenizer):
+    src = [FakeStepSource(30)]
+    make = lambda seed: pipeline.make_dataset(
+        _cfg(seed=seed), src, [STATS], tokenizer, process_index=0, process_count=1
+    )
+    first = _take(make(3), 4)
+    again = _take(make(3), 4)
+    for a, b in zip(first, again):
+        _assert_same(a, b)
+    other = _take(make(4), 1)[0]
+    assert not np.array_equal(other["image"], first[0]["image"])
+
+    it = iter(make(3))
+    next(it)
+    next(it)
+    state = it.get_state()
+    following = [next(it), next(it)]
+    resumed = iter(make(3))
+    resumed.set_state(state)
+    for a in following:
+        _assert_same(a, next(resumed))
+
+
+def test_hosts_read_disjoint_shards_covering_the_data(tokenizer):
+    n = 24
+    cfg = _cfg(num_epochs=1, augment=False, visual_prompts=False)
+    seen = []
+    for host in range(2):
+        ds = pipeline.make_sample_dataset(
+            cfg, [FakeStepSource(n)], [STATS], tokenizer, process_index=host, process_count=2
+        )
+        assert len(ds) == n // 2
+        seen.append({int(ds[i]["proprio"][0]) for i in range(len(ds))})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(n))
+
+
+def test_mixture_respects_weights(tokenizer):
+    cfg = _cfg(augment=False, visual_prompts=False)
+    sources = [FakeStepSource(20, 0), FakeStepSource(50, 1)]
+    ds = pipeline.make_sample_dataset(
+        cfg,
+        sources,
+        [STATS, STATS],
+        tokenizer,
+        weights=[0.8, 0.2],
+        process_index=0,
+        process_count=1,
+    )
+    ids = np.array([ds[i]["dataset_id"] for i in range(200)])
+    assert abs((ids == 0).mean() - 0.8) < 0.05
+    # Samples of source 1 really come from source 1.
+    assert all(ds[i]["proprio"][1] == ds[i]["dataset_id"] for i in range(20))
+    balanced = pipeline.make_sample_dataset(
+        _cfg(augment=False, visual_prompts=False, balance_by_size=True),
+        sources,
+        [STATS, STATS],
+        tokenizer,
+        weights=[1.0, 1.0],
+        process_index=0,
+        process_count=1,
+    )
+    ids = np.array([balanced[i]["dataset_id"] for i in range(280)])
+    assert abs((ids == 1).mean() - 50 / 70) < 0.05
+
+
+def test_long_prompt_error_and_truncation(tokenizer):
+    src = [FakeStepSource(8)]
+    ds = pipeline.make_dataset(
+        _cfg(max_tokens=6), src, [STATS], tokenizer, process_index=0, process_count=1
+    )
+    with pytest.raises(ValueError, match="max_tokens=6"):
+        _take(ds, 1)
+    ds = pipeline.make_dataset(
+        _cfg(max_tokens=6, on_long_prompt="truncate"),
+        src,
+        [STATS],
+        tokenizer,
+        process_index=0,
+        process_count=1,
+    )
+    batch = _take(ds, 1)[0]
+    assert batch["tokens"].shape == (4, 6) and batch["token_mask"].all()
+
+
+def test_config_from_mapping():
+    cfg = pipeline.DataConfig.from_mapping(
+        {"batch_size": 2, "prompt_cfg": {"max_points": 6, "kind_probs": [1, 0, 0, 0, 0]}}
+    )
+    assert cfg.batch_size == 2 and cfg.prompt_cfg.max_points == 6
+    with pytest.raises(ValueError, match="unknown fields"):
+        pipeline.DataConfig.from_mapping({"batchsize": 2})
+
+
+def test_to_global_array_on_8_devices(tokenizer):
+    from jax.sharding import PartitionSpec
+
+    assert jax.device_count() == 8
+    cfg = _cfg(batch_size=8)
+    batch = _take(
+        pipeline.make_dataset(
+            cfg, [FakeStepSource(16)], [STATS], tokenizer, process_index=0, process_count=1
+        ),
+        1,
+    )[0]
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    out = pipeline.to_global_array(batch, mesh, PartitionSpec(("data", "fsdp")))
+    for key, value in batch.items():
+        assert out[key].shape == value.shape and out[key].dtype == value.dtype
+        assert len(out[key].addressable_shards) == 8
+        assert out[key].addressable_shards[0].data.shape[0] == 1
+        np.testing.assert_array_equal(np.asarray(out[key]), value)
+    default = pipeline.to_global_array({"tokens": batch["tokens"]}, mesh)
+    assert default["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"))
