@@ -234,13 +234,14 @@ def synthetic_episode(
     mask_size: tuple[int, int] | None = None,
     nan_action_step: int | None = None,
     drop_features: Sequence[str] = (),
+    bad_action_value: float = np.nan,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One raw episode of layout `fmt` and its ground truth.
 
     The object (a rectangle) moves right by one pixel per step; the episode mask is the
     first frame's, per-step masks follow the object. Returns (episode, truth) with truth =
     {"masks": uint8 [T, H, W], "box": first-frame box, "actions": raw [T, 7],
-    "proprio": [T, P], "instruction": str, "object_name": str}.
+    "proprio": [T, P], "instruction": str, "object_name": str, "color": uint8 [3]}.
     """
     h, w = image_size
     bh, bw = max(2, h // 4), max(2, w // 4)
@@ -253,7 +254,7 @@ def synthetic_episode(
     actions = rng.uniform(-1, 1, (length, 7)).astype(np.float32)
     actions[:, 6] = _raw_gripper(fmt, length)
     if nan_action_step is not None:
-        actions[nan_action_step, 0] = np.nan
+        actions[nan_action_step, 0] = bad_action_value
     proprio_dim = {"libero": 8, "bridge": 7, "fractal": 8}[fmt]
     proprio = rng.normal(size=(length, proprio_dim)).astype(np.float32)
     background = _background(rng, h, w)
@@ -320,6 +321,7 @@ def synthetic_episode(
         "proprio": proprio,
         "instruction": instruction,
         "object_name": object_name,
+        "color": color,
     }
     return {"steps": steps, "episode_metadata": metadata}, truth
 
@@ -348,6 +350,7 @@ def write_synthetic_dataset(
     mask_size: tuple[int, int] | None = None,
     nan_action_at: tuple[int, int] | None = None,
     drop_features: Sequence[str] = (),
+    bad_action_value: float = np.nan,
     return_truth: bool = False,
 ):
     """Writes a tiny synthetic RLDS dataset of layout `fmt`; returns its version directory.
@@ -362,7 +365,7 @@ def write_synthetic_dataset(
         written with has_annotation=False and an all-zero mask.
       name: TFDS/registry name (default f"synthetic_{fmt}").
       mask_size: write masks of this (H, W) instead of the image's (error tests).
-      nan_action_at: (episode, step) whose action gets a NaN (error tests).
+      nan_action_at: (episode, step) whose action gets `bad_action_value` (NaN; error tests).
       drop_features: step feature paths left out (error tests).
       return_truth: also return the list of per-episode ground truths (`synthetic_episode`).
     """
@@ -390,6 +393,7 @@ def write_synthetic_dataset(
             mask_size=mask_size,
             nan_action_step=nan_action_at[1] if nan_action_at and nan_action_at[0] == e else None,
             drop_features=drop_features,
+            bad_action_value=bad_action_value,
         )
         episodes.append(episode)
         truths.append(truth)
