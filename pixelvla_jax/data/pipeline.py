@@ -274,7 +274,6 @@ def build_sources(cfg: DataConfig) -> tuple[list[Any], list[dict]]:
     """
     import os
 
-    from pixelvla_jax.data import statistics as statistics_lib
     from pixelvla_jax.data import step_index
 
     if not cfg.datasets:
@@ -283,12 +282,12 @@ def build_sources(cfg: DataConfig) -> tuple[list[Any], list[dict]]:
     for name, _ in cfg.datasets:
         source = step_index.StepDataset(
             os.path.join(cfg.data_dir, name),
-            name=name,
             action_chunk=cfg.action_chunk,
+            name=name,
             cache_dir=cfg.cache_dir,
         )
         sources.append(source)
-        stats.append(statistics_lib.dataset_statistics(source))
+        stats.append(source.statistics())
     return sources, stats
 
 
@@ -373,7 +372,7 @@ def make_dataset(
         sources, built_stats = build_sources(cfg)
         statistics = statistics if statistics is not None else built_stats
     if statistics is None:
-        statistics = [s.statistics for s in sources]
+        statistics = [s.statistics() if callable(s.statistics) else s.statistics for s in sources]
     if tokenizer is None:
         if not cfg.tokenizer_path:
             raise ValueError("make_dataset: give a tokenizer or set DataConfig.tokenizer_path.")
