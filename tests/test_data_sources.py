@@ -350,3 +350,15 @@ def test_convert_cli(generated, tmp_path, capsys):
     if importlib.util.find_spec("tensorflow") is None:
         with pytest.raises(RuntimeError, match="needs TensorFlow"):
             convert.main([f"--dataset_dir={fake}"])
+
+
+def test_rewritten_dataset_gets_a_new_index(tmp_path):
+    import shutil
+
+    path = write_synthetic_dataset(tmp_path, "fractal", 2, 3, 16, seed=0)
+    first = StepDataset(path)
+    shutil.rmtree(os.path.dirname(path) + "/1.0.0")
+    write_synthetic_dataset(tmp_path, "fractal", 2, 3, 16, seed=1)
+    second = StepDataset(path)
+    assert second.index.built_now and second.index.key != first.index.key
+    assert not np.array_equal(second.index.actions, first.index.actions)

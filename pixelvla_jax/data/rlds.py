@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+_PROBE_BYTES = 1 << 16
 CONVERT_COMMAND = "python -m pixelvla_jax.data.convert --dataset_dir={dir}"
 
 
@@ -94,7 +95,8 @@ def check_random_access(version_dir: str) -> None:
 
 
 def source_fingerprint(version_dir: str, split: str = "train") -> str:
-    """Hash of a dataset's identity: its metadata files and its data files' names and sizes."""
+    """Hash of a dataset's identity: its metadata files, its data files' names and sizes and
+    their first and last 64 KiB (cheap, and independent of file copies' timestamps)."""
     h = hashlib.sha256(split.encode())
     for meta in ("dataset_info.json", "features.json"):
         path = os.path.join(version_dir, meta)
@@ -102,7 +104,14 @@ def source_fingerprint(version_dir: str, split: str = "train") -> str:
             with open(path, "rb") as f:
                 h.update(f.read())
     for path in sorted(glob.glob(os.path.join(version_dir, f"*-{split}.array_record*"))):
-        h.update(f"{os.path.basename(path)}:{os.path.getsize(path)}".encode())
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}:{size}".encode())
+        # Head and tail (ArrayRecord keeps its chunk index at the end): a rewritten shard
+        # of the same size still changes the key, without reading whole shards.
+        with open(path, "rb") as f:
+            h.update(f.read(_PROBE_BYTES))
+            f.seek(max(0, size - _PROBE_BYTES))
+            h.update(f.read(_PROBE_BYTES))
     return h.hexdigest()[:16]
 
 
