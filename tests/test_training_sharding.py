@@ -138,8 +138,12 @@ def test_batch_sharding_and_logical_constraints_in_jit():
 
     params = nn.unbox(init_params(jax.random.PRNGKey(0)))
     expected = Toy().apply({"params": params}, np.ones((8, 3, 8), np.float32))
+    apply = jax.jit(lambda p, x: Toy().apply({"params": p}, x))
     with sharding.sharding_context(mesh, sharding.DEFAULT_RULES):
-        out = jax.jit(lambda p, x: Toy().apply({"params": p}, x))(params, batch["x"])
+        out = apply(params, batch["x"])
+        hlo = apply.lower(params, batch["x"]).as_text()
+    # The activation constraints reached the compiler: [B, L, mlp] split over data*fsdp, tensor.
+    assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo, hlo[:2000]
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
     # Without a mesh the constraints are no-ops.
     out = jax.jit(lambda p, x: Toy().apply({"params": p}, x))(params, np.ones((8, 3, 8)))

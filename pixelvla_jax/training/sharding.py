@@ -210,7 +210,7 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = 
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None) -> Iterator[None]:
     """Activates `mesh` and the logical rules so `nn.with_logical_constraint` takes effect."""
-    with mesh, nn.logical_axis_rules(normalize_rules(rules)):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(normalize_rules(rules)):
         yield
 
 
