@@ -110,21 +110,57 @@ class TinyOpenVLASpec:
     image_size: int = 56
     patch_size: int = 14
     dino_width: int = 32
-    dino_depth: int = 3
+    dino_depth: int = 4
     dino_heads: int = 2
+    dino_mlp: int = 128
     siglip_width: int = 48
-    siglip_depth: int = 3
-    siglip_heads: int = 2
+    siglip_depth: int = 5
+    siglip_heads: int = 3
+    siglip_mlp: int = 179
     llm_width: int = 64
     llm_mlp: int = 128
     llm_layers: int = 2
     llm_heads: int = 4
-    llm_kv_heads: int = 4
+    llm_kv_heads: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tokenizer_vocab: int = 512
     n_bins: int = 256
     pad_to_multiple_of: int = 64
+
+    @classmethod
+    def from_config(cls, config) -> TinyOpenVLASpec:
+        """The sizes of a `PixelVLAConfig` (its vision towers, Llama and vocabulary)."""
+        dino, siglip, llm = config.vision.dino, config.vision.siglip, config.llama
+        spec = cls(
+            image_size=config.vision.image_size,
+            patch_size=dino.patch_size,
+            dino_width=dino.width,
+            dino_depth=dino.depth,
+            dino_heads=dino.num_heads,
+            dino_mlp=dino.mlp_dim,
+            siglip_width=siglip.width,
+            siglip_depth=siglip.depth,
+            siglip_heads=siglip.num_heads,
+            siglip_mlp=siglip.mlp_dim,
+            llm_width=llm.width,
+            llm_mlp=llm.mlp_dim,
+            llm_layers=llm.depth,
+            llm_heads=llm.num_heads,
+            llm_kv_heads=llm.num_kv_heads,
+            rms_norm_eps=llm.norm_eps,
+            rope_theta=llm.rope_theta,
+            tokenizer_vocab=config.tokenizer_vocab_size,
+            n_bins=config.n_action_bins,
+        )
+        if spec.model_vocab != llm.vocab_size or llm.head_dim * llm.num_heads != llm.width:
+            raise ValueError(
+                f"config.llama (vocab {llm.vocab_size}, head_dim {llm.head_dim}) is not an "
+                f"OpenVLA-style layout: vocab must be {spec.model_vocab} (tokenizer "
+                f"{spec.tokenizer_vocab} + pad, padded to {spec.pad_to_multiple_of}) and "
+                "head_dim * num_heads == width"
+            )
+        return spec
 
     @property
     def model_vocab(self) -> int:
@@ -288,6 +324,7 @@ def build_reference(spec: TinyOpenVLASpec = TinyOpenVLASpec(), seed: int = 0):
         embed_dim=spec.dino_width,
         depth=spec.dino_depth,
         num_heads=spec.dino_heads,
+        mlp_ratio=(spec.dino_mlp + 0.5) / spec.dino_width,  # timm: int(width * mlp_ratio)
     )
     siglip = timm.create_model(
         SIGLIP_TIMM_ID,
@@ -298,6 +335,7 @@ def build_reference(spec: TinyOpenVLASpec = TinyOpenVLASpec(), seed: int = 0):
         embed_dim=spec.siglip_width,
         depth=spec.siglip_depth,
         num_heads=spec.siglip_heads,
+        mlp_ratio=(spec.siglip_mlp + 0.5) / spec.siglip_width,
     )
     _patch_layerscale(dino)
     llm_config = transformers.LlamaConfig(

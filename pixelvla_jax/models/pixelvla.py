@@ -1,0 +1,478 @@
+"""The assembled PixelVLA model: vision + pixel/prompt encoders + Llama + action head.
+
+Token sequence into the LLM (DESIGN.md §1.3), for a batch of `Observation`s:
+
+    [BOS] [E_v: N_v vision tokens] [E_p: N_p pixel tokens] [E_s: N_s prompt tokens]
+    [text tokens after BOS, right-padded to L-1] [suffix]
+
+`E_p` / `E_s` exist only when `use_pixel_encoder` / `use_prompt_encoder` is on (stage 1
+and plain OpenVLA turn them off, and the sequence is then exactly OpenVLA's); a sample
+without a mask or prompt gets the encoders' learned "absent" tokens, under the same jit.
+RoPE positions count only valid tokens (`positions_from_mask`), so the text padding
+leaves positions contiguous and the suffix continues right after the last real token.
+
+The suffix depends on the head:
+- `head="l1"`: `N_c * A` action slots (a learned embedding per slot), attended
+  bidirectionally among themselves and causally to the prefix; their last hidden states go
+  through the `L1ActionHead` MLP-ResNet -> [B, N_c, A] (OpenVLA-OFT parallel decoding).
+- `head="discrete"`: OpenVLA's head. Training appends the `A` action tokens of the first
+  action (`DiscreteActionTokenizer`), causally; the cross-entropy covers the prediction of
+  those A tokens and of EOS (A + 1 positions), nothing else. Inference prefills the KV
+  cache with the prefix and greedily decodes A tokens (argmax over the whole padded
+  vocabulary, as OpenVLA's `generate`), then maps them to bin centres: chunk size 1.
+
+Entry points (all jit-able, static shapes):
+    model = PixelVLA(config)
+    variables = model.init(rng, obs)                       # or abstract_variables(config)
+    loss, metrics = model.apply(variables, obs, actions, pad_mask, method=PixelVLA.loss)
+    actions = model.apply(variables, obs, method=PixelVLA.predict_actions)  # [B, N_c, A]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pixelvla_jax.models import llama as llama_lib
+from pixelvla_jax.models.action_heads import (
+    DiscreteActionTokenizer,
+    L1ActionHead,
+    L1ActionHeadConfig,
+    l1_loss,
+    l1_per_dimension,
+)
+from pixelvla_jax.models.llama import (
+    KVCache,
+    Llama,
+    LlamaConfig,
+    make_attention_mask,
+    make_cache_attention_mask,
+    positions_from_mask,
+)
+from pixelvla_jax.models.observation import Observation
+from pixelvla_jax.models.pixel_encoder import (
+    PixelEncoder,
+    PixelEncoderConfig,
+    evenly_spaced_blocks,
+)
+from pixelvla_jax.models.prompt_encoder import PromptEncoder, PromptEncoderConfig
+from pixelvla_jax.models.vision import FusedVisionBackbone, Projector, VisionConfig
+
+HEADS = ("l1", "discrete")
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelVLAConfig:
+    """The whole model.
+
+    Attributes:
+      vision: the fused DINOv2 + SigLIP backbone and projector (projector output = LLM width).
+      llama: the language model (vocab_size is the padded embedding size, 32064 in OpenVLA).
+      pixel_encoder, prompt_encoder: the pixel-level encoders (out_dim = LLM width).
+      action_head: the L1 head; its `chunk_size` (N_c) and `action_dim` (A) are the model's.
+      use_pixel_encoder, use_prompt_encoder: include E_p / E_s in the sequence (stage 1: off).
+      head: "l1" (continuous chunk, parallel decoding) or "discrete" (OpenVLA tokens).
+      tokenizer_vocab_size: the text tokenizer's vocabulary (32000): action tokens are its
+        last `n_action_bins` ids.
+      n_action_bins: discretisation bins (256).
+      eos_token_id: stop token appended after the discrete action tokens (Llama: 2).
+      pixel_levels: SigLIP blocks feeding the pixel encoder; () -> evenly spaced blocks.
+      vision_scan_layers, vision_remat: passed to both ViT towers.
+      max_text_tokens, max_prompt_points: shapes of `spec()` observations (the model itself
+        accepts any L and P).
+    """
+
+    vision: VisionConfig
+    llama: LlamaConfig
+    pixel_encoder: PixelEncoderConfig
+    prompt_encoder: PromptEncoderConfig
+    action_head: L1ActionHeadConfig
+    use_pixel_encoder: bool = True
+    use_prompt_encoder: bool = True
+    head: str = "l1"
+    tokenizer_vocab_size: int = 32000
+    n_action_bins: int = 256
+    eos_token_id: int = 2
+    pixel_levels: tuple[int, ...] = ()
+    vision_scan_layers: bool = False
+    vision_remat: bool = False
+    max_text_tokens: int = 48
+    max_prompt_points: int = 8
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"PixelVLAConfig.head={self.head!r}; use one of {HEADS}")
+        width = self.llama.width
+        for name, dim in (
+            ("vision.llm_dim", self.vision.llm_dim),
+            ("pixel_encoder.out_dim", self.pixel_encoder.out_dim),
+            ("prompt_encoder.out_dim", self.prompt_encoder.out_dim),
+        ):
+            if dim != width:
+                raise ValueError(
+                    f"PixelVLAConfig: {name}={dim} must equal the LLM width llama.width={width}"
+                )
+        if self.tokenizer_vocab_size > self.llama.vocab_size:
+            raise ValueError(
+                f"tokenizer_vocab_size={self.tokenizer_vocab_size} exceeds the LLM's "
+                f"vocab_size={self.llama.vocab_size}"
+            )
+        if self.n_action_bins > self.tokenizer_vocab_size:
+            raise ValueError(
+                f"n_action_bins={self.n_action_bins} exceeds tokenizer_vocab_size="
+                f"{self.tokenizer_vocab_size}"
+            )
+        if len(self.pixel_level_blocks) != self.pixel_encoder.num_levels:
+            raise ValueError(
+                f"pixel_levels={self.pixel_levels} gives {len(self.pixel_level_blocks)} levels; "
+                f"pixel_encoder.num_levels={self.pixel_encoder.num_levels}"
+            )
+
+    def replace(self, **kwargs: Any) -> PixelVLAConfig:
+        return dataclasses.replace(self, **kwargs)
+
+    # --- derived sizes ---------------------------------------------------------------------
+
+    @property
+    def chunk_size(self) -> int:
+        """N_c actions per prediction (1 for the discrete head)."""
+        return self.action_head.chunk_size if self.head == "l1" else 1
+
+    @property
+    def action_dim(self) -> int:
+        return self.action_head.action_dim
+
+    @property
+    def num_action_slots(self) -> int:
+        return self.action_head.num_action_slots
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def pixel_level_blocks(self) -> tuple[int, ...]:
+        if self.pixel_levels:
+            return tuple(self.pixel_levels)
+        return tuple(evenly_spaced_blocks(self.vision.siglip.depth, self.pixel_encoder.num_levels))
+
+    @property
+    def num_prefix_extra_tokens(self) -> int:
+        """Tokens between the vision tokens and the text: N_p + N_s (0 with encoders off)."""
+        n = self.pixel_encoder.num_tokens if self.use_pixel_encoder else 0
+        return n + (self.prompt_encoder.num_tokens if self.use_prompt_encoder else 0)
+
+    def prefix_length(self, num_text_tokens: int) -> int:
+        """Sequence length before the suffix, for `num_text_tokens` = L (BOS included)."""
+        return num_text_tokens + self.vision.num_patches + self.num_prefix_extra_tokens
+
+    @property
+    def action_tokenizer(self) -> DiscreteActionTokenizer:
+        return DiscreteActionTokenizer(
+            vocab_size=self.tokenizer_vocab_size, n_bins=self.n_action_bins
+        )
+
+    def spec(self, batch_size: int = 1) -> Observation:
+        """`Observation.spec` at this model's image size and text/prompt lengths."""
+        return Observation.spec(
+            batch_size,
+            image_size=self.image_size,
+            max_prompt_points=self.max_prompt_points,
+            max_tokens=self.max_text_tokens,
+        )
+
+    # --- presets ---------------------------------------------------------------------------
+
+    @classmethod
+    def openvla_7b(cls, **overrides: Any) -> PixelVLAConfig:
+        """Full-size PixelVLA on OpenVLA-7B (DINOv2-L + SigLIP-So400m, Llama-2-7B), L1 head."""
+        config = cls(
+            vision=VisionConfig.openvla(224),
+            llama=llama_lib.llama2_7b(),
+            pixel_encoder=PixelEncoderConfig.openvla_7b(),
+            prompt_encoder=PromptEncoderConfig.openvla_7b(),
+            action_head=L1ActionHeadConfig.libero(),
+            tokenizer_vocab_size=32000,
+        )
+        return config.replace(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> PixelVLAConfig:
+        """Test size: the same code paths, a 56 px image (16 patches), a 64-wide 2-layer LLM.
+
+        The vocabulary matches `pixelvla_jax.testing.tiny_openvla`: a 512-piece tokenizer,
+        + 1 pad token, padded to 576 (a multiple of 64, as OpenVLA's 32001 -> 32064).
+        """
+        width = 64
+        config = cls(
+            vision=VisionConfig.tiny(56, llm_dim=width),
+            llama=llama_lib.tiny(
+                vocab_size=576, width=width, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128
+            ),
+            pixel_encoder=PixelEncoderConfig.tiny(out_dim=width),
+            prompt_encoder=PromptEncoderConfig.tiny(out_dim=width),
+            action_head=L1ActionHeadConfig.tiny(),
+            tokenizer_vocab_size=512,
+            max_text_tokens=48,
+            max_prompt_points=8,
+        )
+        return config.replace(**overrides)
+
+
+class PixelVLA(nn.Module):
+    """PixelVLA (see the module docstring). Submodules: `vision`, `projector`, `llm`,
+    `pixel_encoder`, `prompt_encoder`, `action_head` (+ param `action_slots`)."""
+
+    config: PixelVLAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.vision = FusedVisionBackbone(
+            cfg.vision, remat=cfg.vision_remat, scan_layers=cfg.vision_scan_layers, **kw
+        )
+        self.projector = Projector(cfg.vision, **kw)
+        self.llm = Llama(cfg.llama, **kw)
+        if cfg.use_pixel_encoder:
+            self.pixel_encoder = PixelEncoder(cfg.pixel_encoder, **kw)
+        if cfg.use_prompt_encoder:
+            self.prompt_encoder = PromptEncoder(cfg.prompt_encoder, **kw)
+        if cfg.head == "l1":
+            self.action_slots = self.param(
+                "action_slots",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (cfg.num_action_slots, cfg.llama.width),
+                self.param_dtype,
+            )
+            self.action_head = L1ActionHead(cfg.action_head, **kw)
+
+    # --- sequence ----------------------------------------------------------------------------
+
+    def embed_prefix(self, obs: Observation) -> tuple[jax.Array, jax.Array]:
+        """Observation -> (embeddings [B, S, D], valid [B, S] bool), S = config.prefix_length(L)."""
+        cfg = self.config
+        if obs.tokens.ndim != 2 or obs.token_mask.shape != obs.tokens.shape:
+            raise ValueError(
+                f"Observation.tokens {obs.tokens.shape} and token_mask {obs.token_mask.shape} "
+                "must both be [B, L]"
+            )
+        batch = obs.tokens.shape[0]
+        if obs.image.shape[0] != batch:
+            raise ValueError(
+                f"Observation.image has batch {obs.image.shape[0]}, tokens have batch {batch}"
+            )
+        levels = cfg.pixel_level_blocks if cfg.use_pixel_encoder else ()
+        fused, siglip_levels = self.vision(obs.image, levels)
+        vision_tokens = self.projector(fused).astype(self.dtype)
+        text = self.llm.embed(obs.tokens)
+        parts = [text[:, :1], vision_tokens]
+        valid = [jnp.ones((batch, 1 + vision_tokens.shape[1]), bool)]
+        if cfg.use_pixel_encoder:
+            e_p = self.pixel_encoder(siglip_levels, obs.pixel_mask, obs.has_pixel_mask)
+            parts.append(e_p.astype(self.dtype))
+            valid.append(jnp.ones(e_p.shape[:2], bool))
+        if cfg.use_prompt_encoder:
+            e_s = self.prompt_encoder(
+                obs.prompt_points, obs.prompt_types, obs.prompt_mask, obs.has_prompt_mask
+            )
+            parts.append(e_s.astype(self.dtype))
+            valid.append(jnp.ones(e_s.shape[:2], bool))
+        parts.append(text[:, 1:])
+        valid.append(jnp.asarray(obs.token_mask[:, 1:], bool))
+        embeddings = jnp.concatenate(parts, axis=1)
+        embeddings = nn.with_logical_constraint(embeddings, ("batch", "length", "embed"))
+        return embeddings, jnp.concatenate(valid, axis=1)
+
+    def _run_llm(
+        self, embeddings: jax.Array, valid: jax.Array, bidirectional: jax.Array
+    ) -> jax.Array:
+        """[B, T, D], [B, T], [B, T] -> last hidden states [B, T, D]."""
+        positions = positions_from_mask(valid)
+        mask = make_attention_mask(valid, bidirectional)
+        hidden, _ = self.llm(embeddings, positions, mask)
+        return hidden
+
+    @staticmethod
+    def _last_valid(valid: jax.Array) -> jax.Array:
+        """[B, S] -> [B] index of the last prefix token (prefix tokens are contiguous)."""
+        return jnp.sum(valid.astype(jnp.int32), axis=1) - 1
+
+    # --- L1 head -----------------------------------------------------------------------------
+
+    def l1_actions(self, obs: Observation) -> jax.Array:
+        """One forward pass: -> [B, N_c, A] normalised actions."""
+        cfg = self.config
+        if cfg.head != "l1":
+            raise ValueError("l1_actions needs head='l1'")
+        prefix, valid = self.embed_prefix(obs)
+        batch, s = valid.shape
+        k = cfg.num_action_slots
+        slots = jnp.broadcast_to(
+            self.action_slots.astype(self.dtype)[None], (batch, k, prefix.shape[-1])
+        )
+        embeddings = jnp.concatenate([prefix, slots], axis=1)
+        valid = jnp.concatenate([valid, jnp.ones((batch, k), bool)], axis=1)
+        bidirectional = jnp.concatenate(
+            [jnp.zeros((batch, s), bool), jnp.ones((batch, k), bool)], axis=1
+        )
+        hidden = self._run_llm(embeddings, valid, bidirectional)
+        if self.is_initializing():  # create lm_head, which the OpenVLA checkpoint carries
+            self.llm.logits(hidden[:, :1])
+        return self.action_head(hidden[:, s:])
+
+    # --- discrete head -------------------------------------------------------------------------
+
+    def discrete_logits(self, obs: Observation, action_tokens: jax.Array) -> jax.Array:
+        """Teacher-forced logits predicting the A action tokens and EOS.
+
+        Args:
+          action_tokens: [B, A] int32, the target tokens (appended after the prompt).
+        Returns:
+          [B, A + 1, V]: row 0 is read at the last prompt token, row i at action token i.
+        """
+        prefix, valid = self.embed_prefix(obs)
+        batch, s = valid.shape
+        a = action_tokens.shape[1]
+        embeddings = jnp.concatenate([prefix, self.llm.embed(action_tokens)], axis=1)
+        full_valid = jnp.concatenate([valid, jnp.ones((batch, a), bool)], axis=1)
+        hidden = self._run_llm(embeddings, full_valid, jnp.zeros_like(full_valid))
+        last = self._last_valid(valid)
+        first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1))
+
+    def _decode_step(self, carry, _):
+        """One greedy step: feed the last token into slot `index` of the cache."""
+        cache, key_valid, token, position = carry
+        index = cache.index
+        key_valid = jax.lax.dynamic_update_slice(
+            key_valid, jnp.ones((key_valid.shape[0], 1), bool), (0, index)
+        )
+        mask = make_cache_attention_mask(key_valid, index, 1)
+        hidden, cache = self.llm(self.llm.embed(token[:, None]), position[:, None], mask, cache)
+        logits = self.llm.logits(hidden)[:, 0]
+        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (cache, key_valid, next_token, position + 1), next_token
+
+    def generate_action_tokens(self, obs: Observation) -> jax.Array:
+        """Prefill the KV cache with the prefix, then greedily decode A tokens: -> [B, A]."""
+        cfg = self.config
+        prefix, valid = self.embed_prefix(obs)
+        batch, s = valid.shape
+        a = cfg.action_dim
+        cache = KVCache.init(cfg.llama, batch, s + a, dtype=self.dtype)
+        key_valid = jnp.concatenate([valid, jnp.zeros((batch, a), bool)], axis=1)
+        mask = make_cache_attention_mask(key_valid, 0, s)
+        hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
+        last = self._last_valid(valid)
+        first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        token = jnp.argmax(self.llm.logits(first)[:, 0], axis=-1).astype(jnp.int32)
+        if a == 1:
+            return token[:, None]
+        scan = nn.scan(
+            PixelVLA._decode_step,
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            length=a - 1,
+        )
+        carry = (cache, key_valid, token, last + 1)
+        _, rest = scan(self, carry, None)  # [A - 1, B]
+        return jnp.concatenate([token[:, None], rest.T], axis=1)
+
+    # --- public API ------------------------------------------------------------------------
+
+    def predict_actions(self, obs: Observation) -> jax.Array:
+        """-> [B, N_c, A] normalised actions (discrete head: N_c = 1, bin centres)."""
+        if self.config.head == "l1":
+            return self.l1_actions(obs)
+        tokens = self.generate_action_tokens(obs)
+        return self.config.action_tokenizer.detokenize(tokens)[:, None, :]
+
+    def loss(
+        self, obs: Observation, actions: jax.Array, action_pad_mask: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Training loss.
+
+        Args:
+          actions: [B, N_c, A] normalised target actions.
+          action_pad_mask: [B, N_c] bool, True on real actions.
+        Returns:
+          (scalar loss, metrics dict of scalars / [A] vectors).
+        """
+        cfg = self.config
+        if actions.ndim != 3 or actions.shape[2] != cfg.action_dim:
+            raise ValueError(
+                f"actions must be [B, N_c, A={cfg.action_dim}], got shape {actions.shape}"
+            )
+        if action_pad_mask.shape != actions.shape[:2]:
+            raise ValueError(
+                f"action_pad_mask must be [B, N_c]={actions.shape[:2]}, got {action_pad_mask.shape}"
+            )
+        if cfg.head == "l1":
+            if actions.shape[1] != cfg.chunk_size:
+                raise ValueError(
+                    f"actions has a chunk of {actions.shape[1]}, the L1 head predicts "
+                    f"N_c={cfg.chunk_size} (action_head.chunk_size)"
+                )
+            pred = self.l1_actions(obs)
+            loss = l1_loss(pred, actions, action_pad_mask)
+            return loss, {
+                "loss": loss,
+                "l1": loss,
+                "l1_per_dim": l1_per_dimension(pred, actions, action_pad_mask),
+            }
+        tokenizer = cfg.action_tokenizer
+        action_tokens = tokenizer.tokenize(jnp.asarray(actions[:, 0], jnp.float32))
+        batch = action_tokens.shape[0]
+        eos = jnp.full((batch, 1), cfg.eos_token_id, jnp.int32)
+        targets = jnp.concatenate([action_tokens, eos], axis=1)  # [B, A + 1]
+        logits = self.discrete_logits(obs, action_tokens).astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        weight = jnp.asarray(action_pad_mask[:, 0], jnp.float32)[:, None]
+        denom = jnp.maximum(jnp.sum(weight) * targets.shape[1], 1.0)
+        loss = jnp.sum(nll * weight) / denom
+        predicted = jnp.argmax(logits, axis=-1)
+        correct = (predicted == targets).astype(jnp.float32) * weight
+        a = cfg.action_dim
+        accuracy = jnp.sum(correct[:, :a]) / jnp.maximum(jnp.sum(weight) * a, 1.0)
+        decoded = tokenizer.detokenize(predicted[:, :a].astype(jnp.int32))
+        l1 = jnp.sum(jnp.abs(decoded - actions[:, 0]) * weight) / jnp.maximum(
+            jnp.sum(weight) * a, 1.0
+        )
+        return loss, {"loss": loss, "action_accuracy": accuracy, "l1": l1}
+
+    def __call__(self, obs: Observation) -> jax.Array:
+        """For `init`: creates every param. L1: [B, N_c, A] actions; discrete: the logits
+        [B, V] of the first action token (prefix only, no cache)."""
+        if self.config.head == "l1":
+            return self.l1_actions(obs)
+        prefix, valid = self.embed_prefix(obs)
+        hidden = self._run_llm(prefix, valid, jnp.zeros_like(valid))
+        first = jnp.take_along_axis(hidden, self._last_valid(valid)[:, None, None], axis=1)
+        return self.llm.logits(first)[:, 0]
+
+
+def abstract_variables(
+    config: PixelVLAConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+) -> Any:
+    """`jax.eval_shape` of `init`: the variables as ShapeDtypeStructs (Partitioned boxes kept)."""
+    model = PixelVLA(config, dtype=dtype, param_dtype=param_dtype)
+    return jax.eval_shape(model.init, jax.random.key(0), config.spec(1))
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a (possibly abstract, possibly boxed) params tree."""
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
+    total = 0
+    for x in leaves:
+        n = 1
+        for d in x.shape:
+            n *= int(d)
+        total += n
+    return total

@@ -1,0 +1,326 @@
+"""Import a whole OpenVLA Hugging Face checkpoint directory into PixelVLA params.
+
+An OpenVLA directory (e.g. a local copy of `openvla/openvla-7b`) holds:
+
+    config.json                     text_config (Llama), timm_model_ids, norm_stats, ...
+    model.safetensors.index.json    tensor name -> shard file
+    model-0000k-of-0000n.safetensors
+    tokenizer.model                 sentencepiece (Llama-2 + pad token)
+
+`import_openvla(directory, config)` streams the shards tensor by tensor (memory-mapped),
+converts each to our layout, casts it to `dtype` and, if shardings are given, places it on
+its devices right away; so a 7B import holds at most one converted ViT tower (or one
+stacked Llama leaf) in host memory, never a float32 copy of the model. It returns the
+params of the parts OpenVLA has: `vision` (both towers), `projector`, `llm`. The pixel
+encoder, prompt encoder and L1 head are new in PixelVLA: merge the import into freshly
+initialised params with `merge_imported` and they keep their init.
+
+    imported = import_openvla(path, PixelVLAConfig.openvla_7b(), dtype=jnp.bfloat16)
+    params = merge_imported(init_params, imported.params)
+    stats = imported.norm_stats["bridge_orig"]["action"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pixelvla_jax.models.pixelvla import PixelVLAConfig
+from pixelvla_jax.weights.hf_llama import config_from_hf, convert_hf_llama
+from pixelvla_jax.weights.safetensors_io import INDEX_FILE, Checkpoint, open_checkpoint
+from pixelvla_jax.weights.timm_vision import (
+    DINO_PREFIX,
+    PROJECTOR_PREFIX,
+    SIGLIP_PREFIX,
+    projector_params_from_torch,
+    vit_params_from_torch,
+)
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+LLM_PREFIX = "language_model."
+IMPORTED_PARTS = ("vision", "projector", "llm")
+
+Path = tuple[str, ...]
+ShardingSpec = Callable[[Path, tuple[int, ...]], Any] | Mapping[str, Any] | None
+
+
+@dataclasses.dataclass
+class OpenVLADirectory:
+    """The files of an OpenVLA checkpoint directory, opened lazily."""
+
+    directory: str
+    hf_config: dict
+    checkpoint: Checkpoint
+    tokenizer_path: str | None
+
+    @property
+    def norm_stats(self) -> dict:
+        return dict(self.hf_config.get("norm_stats") or {})
+
+    @property
+    def text_config(self) -> dict:
+        return dict(self.hf_config.get("text_config") or {})
+
+
+@dataclasses.dataclass
+class OpenVLAImport:
+    """What `import_openvla` returns.
+
+    Attributes:
+      params: {"vision": {"dino", "siglip"}, "projector", "llm"} (jax arrays in `dtype`).
+      norm_stats: config.json's `norm_stats` (per unnorm_key: action/proprio q01, q99, ...).
+      tokenizer_path: the directory's `tokenizer.model`, or None when absent.
+      hf_config: the whole config.json.
+    """
+
+    params: dict
+    norm_stats: dict
+    tokenizer_path: str | None
+    hf_config: dict
+
+
+def open_openvla_directory(directory: str | os.PathLike) -> OpenVLADirectory:
+    """Checks the directory's files and opens the safetensors index (nothing is read yet)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no OpenVLA checkpoint directory at {directory} (expected {CONFIG_FILE}, "
+            f"{INDEX_FILE} and its shards, {TOKENIZER_FILE}; e.g. a local copy of "
+            "openvla/openvla-7b)"
+        )
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILE}; an OpenVLA directory carries the Llama "
+            "text_config and the norm_stats there"
+        )
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    if "text_config" not in hf_config:
+        raise ValueError(
+            f"{config_path} has no 'text_config' (keys: {sorted(hf_config)}); is this an "
+            "OpenVLA (Prismatic HF) checkpoint?"
+        )
+    tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
+    return OpenVLADirectory(
+        directory=directory,
+        hf_config=hf_config,
+        checkpoint=open_checkpoint(directory),
+        tokenizer_path=tokenizer_path if os.path.exists(tokenizer_path) else None,
+    )
+
+
+def check_config(config: PixelVLAConfig, hf_config: Mapping[str, Any]) -> None:
+    """Raises ValueError when `config.llama` disagrees with the checkpoint's text_config."""
+    ckpt = config_from_hf(hf_config)
+    ours = config.llama
+    fields = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+    diffs = [
+        f"{name}: checkpoint {getattr(ckpt, name)} vs config {getattr(ours, name)}"
+        for name in fields
+        if getattr(ckpt, name) != getattr(ours, name)
+    ]
+    if diffs:
+        raise ValueError(
+            "PixelVLAConfig.llama does not match the checkpoint's text_config ("
+            + "; ".join(diffs)
+            + "); build it with pixelvla_jax.weights.hf_llama.config_from_hf(config.json)"
+        )
+    n_bins = hf_config.get("n_action_bins")
+    if n_bins is not None and int(n_bins) != config.n_action_bins:
+        raise ValueError(
+            f"checkpoint n_action_bins={n_bins} but config.n_action_bins={config.n_action_bins}"
+        )
+
+
+def _path_str(path: Path) -> str:
+    return "/".join(path)
+
+
+def _flatten_shardings(tree: Any) -> dict[str, Any]:
+    tree = nn.meta.unbox(tree)
+    if isinstance(tree, Mapping) and "params" in tree and len(tree) <= 2:
+        tree = tree["params"]
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+    )[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in kp): s for kp, s in flat}
+
+
+def _placer(shardings: ShardingSpec, dtype: Any) -> Callable[[Path, np.ndarray], jax.Array]:
+    """(path, numpy array) -> jax array in `dtype`, on the sharding for `path` (if any)."""
+    np_dtype = np.dtype(dtype)
+    lookup: Callable[[Path, tuple[int, ...]], Any]
+    if shardings is None:
+        lookup = lambda path, shape: None
+    elif callable(shardings):
+        lookup = shardings
+    else:
+        flat = _flatten_shardings(shardings)
+
+        def lookup(path, shape):
+            key = _path_str(path)
+            if key not in flat:
+                raise KeyError(
+                    f"no sharding for param {key!r} in the given shardings pytree "
+                    f"(it has {len(flat)} entries, e.g. {sorted(flat)[:3]})"
+                )
+            return flat[key]
+
+    def place(path: Path, array: np.ndarray) -> jax.Array:
+        host = np.ascontiguousarray(np.asarray(array).astype(np_dtype, copy=False))
+        sharding = lookup(path, host.shape)
+        if sharding is None:
+            return jnp.asarray(host)
+        return jax.device_put(host, sharding)
+
+    return place
+
+
+def _place_tree(tree: dict, prefix: Path, place: Callable[[Path, np.ndarray], Any]) -> dict:
+    """Places a converted numpy subtree leaf by leaf, dropping each host copy as it goes."""
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        path = (*prefix, key)
+        out[key] = (
+            _place_tree(value, path, place) if isinstance(value, dict) else place(path, value)
+        )
+    return out
+
+
+class _TrackingGetter:
+    """name -> array from the checkpoint, remembering what was read."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.read: set[str] = set()
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self.checkpoint:
+            raise KeyError(f"tensor {name!r} is missing from {self.checkpoint.location}")
+        self.read.add(name)
+        return self.checkpoint[name]
+
+
+def import_openvla(
+    directory: str | os.PathLike,
+    config: PixelVLAConfig,
+    *,
+    dtype: Any = jnp.bfloat16,
+    shardings: ShardingSpec = None,
+    strict: bool = True,
+) -> OpenVLAImport:
+    """Imports an OpenVLA HF checkpoint directory (see the module docstring).
+
+    Args:
+      directory: the checkpoint directory.
+      config: the target model config; its vision and llama parts must match the checkpoint.
+      dtype: dtype of every imported param (bf16 keeps the 7B model at ~15 GB).
+      shardings: where to place each leaf: None (default device), a callable
+        `(path, shape) -> Sharding` with paths like ("llm", "layers_0", "attn", "q_proj",
+        "kernel"), or a pytree of Shardings shaped like the model's params (e.g. from
+        `nn.logical_to_mesh_sharding`); entries outside vision/projector/llm are ignored.
+      strict: raise when the checkpoint holds tensors the model did not read (a config
+        with fewer layers than the checkpoint, say).
+
+    Returns:
+      OpenVLAImport (params of vision/projector/llm, norm_stats, tokenizer path, config).
+
+    Raises:
+      FileNotFoundError: a missing directory, config.json, index or shard.
+      KeyError: naming a tensor the model needs that the checkpoint lacks.
+      ValueError: naming a tensor whose shape differs from the model's, or config mismatch.
+    """
+    opened = open_openvla_directory(directory)
+    check_config(config, opened.hf_config)
+    place = _placer(shardings, dtype)
+    get = _TrackingGetter(opened.checkpoint)
+    np_dtype = np.dtype(dtype)
+    scan_vision = config.vision_scan_layers
+
+    vision = {}
+    for name, tower_cfg, prefix in (
+        ("dino", config.vision.dino, DINO_PREFIX),
+        ("siglip", config.vision.siglip, SIGLIP_PREFIX),
+    ):
+        tower = vit_params_from_torch(
+            get, tower_cfg, prefix, scan_layers=scan_vision, dtype=np_dtype
+        )
+        vision[name] = _place_tree(tower, ("vision", name), place)
+    projector = projector_params_from_torch(get, config.vision, PROJECTOR_PREFIX, dtype=np_dtype)
+    projector = _place_tree(projector, ("projector",), place)
+    llm = convert_hf_llama(
+        get,
+        config.llama,
+        prefix=LLM_PREFIX,
+        dtype=np_dtype,
+        on_leaf=lambda path, array: place(("llm", *path), array),
+    )
+    if strict:
+        unused = sorted(set(opened.checkpoint.keys()) - get.read)
+        if unused:
+            raise ValueError(
+                f"{len(unused)} tensors of {opened.directory} were not used by the model "
+                f"(e.g. {unused[:5]}); the config is smaller than the checkpoint. Fix the "
+                "config, or pass strict=False to ignore them"
+            )
+    return OpenVLAImport(
+        params={"vision": vision, "projector": projector, "llm": llm},
+        norm_stats=opened.norm_stats,
+        tokenizer_path=opened.tokenizer_path,
+        hf_config=opened.hf_config,
+    )
+
+
+def merge_imported(params: Mapping[str, Any], imported: Mapping[str, Any]) -> dict:
+    """Replaces the vision/projector/llm subtrees of full model `params` by imported ones.
+
+    Shapes are checked leaf by leaf; LoRA adapters present in `params` (lora_a/lora_b)
+    are kept, since the checkpoint has none. Accepts and returns trees with or without
+    a top-level "params" key, like the input.
+    """
+    wrapped = "params" in params and len(params) <= 2
+    base = dict(params["params"] if wrapped else params)
+    for part in IMPORTED_PARTS:
+        if part not in imported:
+            continue
+        if part not in base:
+            raise KeyError(f"model params have no {part!r} subtree (keys: {sorted(base)})")
+        base[part] = _merge_subtree(nn.meta.unbox(base[part]), imported[part], (part,))
+    if wrapped:
+        return {**params, "params": base}
+    return base
+
+
+def _merge_subtree(ours: Any, theirs: Any, path: Path) -> Any:
+    if not isinstance(ours, Mapping):
+        if tuple(ours.shape) != tuple(theirs.shape):
+            raise ValueError(
+                f"imported param {_path_str(path)} has shape {tuple(theirs.shape)}, the model's "
+                f"is {tuple(ours.shape)}"
+            )
+        return theirs
+    out = {}
+    for key, value in ours.items():
+        if key in theirs:
+            out[key] = _merge_subtree(value, theirs[key], (*path, key))
+        elif key in ("lora_a", "lora_b"):
+            out[key] = value
+        else:
+            raise KeyError(f"the import has no param {_path_str((*path, key))}")
+    extra = sorted(set(theirs) - set(ours))
+    if extra:
+        raise KeyError(
+            f"imported params {[_path_str((*path, k)) for k in extra]} are not in the model"
+        )
+    return out
