@@ -89,6 +89,34 @@ def test_augment_is_deterministic_and_varies():
         image_lib.augment(img, mask[:100], np.random.default_rng(0))
 
 
+def test_colour_jitter_matches_float_reference():
+    """With a full-frame crop, augment = TF-style float ops: brightness, contrast, colour matrix."""
+    img, _ = _scene()
+    cfg = image_lib.AugmentConfig(crop_scale=(1.0, 1.0))
+    out, _ = image_lib.augment(img, None, np.random.default_rng(5), cfg)
+    rng = np.random.default_rng(5)
+    for lo, hi in [(1.0, 1.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)]:  # crop draws
+        rng.uniform(lo, hi)
+    b = rng.uniform(-0.2, 0.2)
+    c = rng.uniform(0.8, 1.2)
+    sat = rng.uniform(0.8, 1.2)
+    hue = rng.uniform(-0.05, 0.05)
+    x = np.clip(img / 255.0 + b, 0, 1)
+    m = x.mean((0, 1))
+    x = np.clip((x - m) * c + m, 0, 1)
+    x = np.clip(x @ image_lib._colour_matrix(sat, hue).T, 0, 1)
+    ref = np.round(x * 255)
+    assert np.abs(out.astype(float) - ref).max() <= 3
+
+
+def test_augment_resamples_source_frame_to_size():
+    img, mask = _scene(256, box=(64, 64, 192, 128))
+    out, m = image_lib.augment(img, mask, np.random.default_rng(0), size=224)
+    assert out.shape == (224, 224, 3) and m.shape == (224, 224)
+    # Same geometry as resizing first: the object covers ~(56*112)/0.9 pixels.
+    assert m.sum() == pytest.approx(112 * 56 / 0.9, rel=0.06)
+
+
 def test_center_crop_matches_crop_geometry():
     img, mask = _scene()
     out, m = image_lib.center_crop(img, mask, scale=0.9)

@@ -42,7 +42,8 @@ class AugmentConfig:
 # ------------------------------------------------------------------ decoding / resizing
 
 
-def _decode_pil(data: bytes, mode: str) -> Image.Image:
+def decode_pil(data: bytes, mode: str = "RGB") -> Image.Image:
+    """Encoded bytes -> PIL image in `mode` (the pipeline keeps frames as PIL until the end)."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise ValueError(
             f"decode: expected non-empty encoded image bytes (JPEG/PNG), got {type(data).__name__}"
@@ -58,12 +59,12 @@ def _decode_pil(data: bytes, mode: str) -> Image.Image:
 
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded JPEG/PNG bytes -> uint8 [H, W, 3] RGB."""
-    return np.asarray(_decode_pil(data, "RGB"))
+    return np.asarray(decode_pil(data, "RGB"))
 
 
 def decode_mask(data: bytes) -> np.ndarray:
     """Encoded PNG of a uint8 mask -> float32 [H, W] in {0, 1} (any non-zero pixel is 1)."""
-    return (np.asarray(_decode_pil(data, "L")) > 0).astype(np.float32)
+    return (np.asarray(decode_pil(data, "L")) > 0).astype(np.float32)
 
 
 def _as_pil_rgb(image) -> Image.Image:
@@ -129,7 +130,9 @@ def center_crop(image, mask=None, scale: float = 0.9, size: int | None = None):
 
 
 def _crop_mask(mask, box, out_size) -> np.ndarray:
-    m = Image.fromarray((np.asarray(mask) > 0.5).astype(np.uint8))
+    mask = np.asarray(mask)
+    binary = mask > 0.5 if mask.dtype.kind == "f" else mask > 0
+    m = Image.fromarray(binary.astype(np.uint8))
     return np.asarray(m.resize(out_size, Image.NEAREST, box=box)).astype(np.float32)
 
 
@@ -164,51 +167,61 @@ def _colour_matrix(saturation: float, hue: float) -> np.ndarray:
     return _YIQ2RGB @ scale @ rot @ _RGB2YIQ
 
 
-def augment(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    rng: np.random.Generator,
-    cfg: AugmentConfig = AugmentConfig(),
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """OpenVLA's train-time augmentation with the same random crop applied to the mask.
+def _colour_jitter(pil: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) -> Image.Image:
+    """Brightness, contrast (each clipped to [0, 1]), then saturation + hue, all in PIL's C code.
 
-    Args:
-      image: uint8 [H, W, 3]. mask: float32/bool/uint8 [H, W] or None.
-      rng: numpy Generator (the pipeline seeds it from (seed, sample index)).
-    Returns:
-      (uint8 [H, W, 3], float32 [H, W] in {0, 1} or None).
+    Brightness and contrast are per-channel maps of the uint8 value, so they become one
+    lookup table; the contrast mean (per channel, after brightness) comes from the histogram.
+    Saturation and hue are one 3x3 colour matrix (`Image.convert` with a matrix clips).
     """
-    if not cfg.enabled:
-        out_mask = None if mask is None else (np.asarray(mask) > 0.5).astype(np.float32)
-        return np.asarray(image), out_mask
-    pil = _as_pil_rgb(image)
-    w, h = pil.size
-    if mask is not None and np.shape(mask) != (h, w):
-        raise ValueError(
-            f"augment: mask shape {np.shape(mask)} does not match image shape {(h, w, 3)}."
-        )
-    box = _random_crop_box(rng, w, h, cfg)
-    cropped = pil.resize((w, h), Image.BILINEAR, box=box)
-    out_mask = None if mask is None else _crop_mask(mask, box, (w, h))
-
     brightness = rng.uniform(-cfg.brightness, cfg.brightness)
     contrast = rng.uniform(*cfg.contrast)
     saturation = rng.uniform(*cfg.saturation)
     hue = rng.uniform(-cfg.hue, cfg.hue)
+    hist = np.asarray(pil.histogram(), np.float64).reshape(3, 256)
+    bright = np.clip(np.arange(256) / 255.0 + brightness, 0.0, 1.0)  # [256]
+    mean = hist @ bright / np.maximum(hist.sum(axis=1), 1.0)  # [3]
+    lut = np.clip((bright[None, :] - mean[:, None]) * contrast + mean[:, None], 0.0, 1.0)
+    pil = pil.point(np.round(lut * 255.0).astype(np.int64).reshape(-1).tolist())
+    m = _colour_matrix(saturation, hue)
+    return pil.convert("RGB", tuple(float(v) for row in m for v in (*row, 0.0)))
 
-    x = np.asarray(cropped, np.float32) * (1.0 / 255.0)
-    x += brightness
-    np.clip(x, 0.0, 1.0, out=x)
-    mean = x.mean(axis=(0, 1), keepdims=True)
-    x -= mean
-    x *= contrast
-    x += mean
-    np.clip(x, 0.0, 1.0, out=x)
-    x = x @ _colour_matrix(saturation, hue).T.astype(np.float32)
-    x *= 255.0
-    x += 0.5
-    np.clip(x, 0.0, 255.0, out=x)
-    return x.astype(np.uint8), out_mask
+
+def augment(
+    image,
+    mask: np.ndarray | None,
+    rng: np.random.Generator,
+    cfg: AugmentConfig = AugmentConfig(),
+    size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """OpenVLA's train-time augmentation with the same random crop applied to the mask.
+
+    The crop is taken from the given frame and resampled once to `size` (default: the
+    frame's own size). Passing the decoded source frame with `size=224` gives the same
+    geometry as `augment(resize_image(frame), ...)` with one resampling instead of two.
+
+    Args:
+      image: uint8 [H, W, 3] (or a PIL RGB image). mask: [H, W] (bool / uint8 / float;
+        > 0.5 is object) or None.
+      rng: numpy Generator (the pipeline seeds it from (seed, sample index)).
+      size: output side S (default: keep H x W).
+    Returns:
+      (uint8 [S, S, 3], float32 [S, S] in {0, 1} or None).
+    """
+    pil = _as_pil_rgb(image)
+    w, h = pil.size
+    out_size = (size, size) if size else (w, h)
+    if mask is not None and np.shape(mask) != (h, w):
+        raise ValueError(
+            f"augment: mask shape {np.shape(mask)} does not match image shape {(h, w, 3)}."
+        )
+    if not cfg.enabled:
+        out = np.asarray(pil.resize(out_size, Image.LANCZOS) if out_size != (w, h) else pil)
+        return out, None if mask is None else _crop_mask(mask, (0, 0, w, h), out_size)
+    box = _random_crop_box(rng, w, h, cfg)
+    cropped = pil.resize(out_size, Image.BILINEAR, box=box)
+    out_mask = None if mask is None else _crop_mask(mask, box, out_size)
+    return np.asarray(_colour_jitter(cropped, rng, cfg)), out_mask
 
 
 def to_uint8(image) -> np.ndarray:

@@ -4,7 +4,8 @@
       -> per source: shard by JAX process, shuffle (seeded), repeat (reshuffled each epoch)
       -> mixture with weights (optionally times the dataset sizes)
       -> per-sample transform with an RNG seeded from (seed, global index):
-         decode, resize (the evaluation resize), augment (same crop on the mask),
+         decode, resize (the evaluation resize) or, when augmenting, OpenVLA's random crop
+         resampled straight from the source frame (same crop on the mask) + colour jitter,
          visual prompt from the mask, text prompt -> tokens, BOUNDS_Q99 normalisation
       -> thread-parallel reading -> batch (drop remainder) -> optional worker processes.
 
@@ -199,26 +200,28 @@ class SampleTransform(grain.transforms.RandomMap):
         cfg = self.cfg
         size = cfg.image_size
 
-        image = image_lib.decode_image(sample["image"])
+        image = image_lib.decode_pil(sample["image"], "RGB")
         mask = None
         mask_bytes = sample.get("pixel_mask", b"")
         if mask_bytes is not None and len(mask_bytes) > 0:
             mask = image_lib.decode_mask(mask_bytes)
-            if mask.shape != image.shape[:2]:
+            if mask.shape != image.size[::-1]:
                 raise ValueError(
-                    f"pixel_mask shape {mask.shape} does not match image shape {image.shape} "
+                    f"pixel_mask shape {mask.shape} does not match image shape "
+                    f"{(*image.size[::-1], 3)} "
                     f"({_sample_context(sample)})."
                 )
-            mask = image_lib.resize_mask(mask, size)
-            if not mask.any() or (
-                cfg.pixel_mask_dropout > 0 and rng.random() < cfg.pixel_mask_dropout
-            ):
+            dropped = cfg.pixel_mask_dropout > 0 and rng.random() < cfg.pixel_mask_dropout
+            if dropped or not mask.any():
                 mask = None
-        image = image_lib.resize_image(image, size)
         if cfg.augment:
-            image, mask = image_lib.augment(image, mask, rng, cfg.augment_cfg)
-            if mask is not None and not mask.any():
-                mask = None  # the crop removed the object
+            # One resampling from the source frame: the geometry of resize_image + crop.
+            image, mask = image_lib.augment(image, mask, rng, cfg.augment_cfg, size=size)
+        else:
+            image = image_lib.resize_image(image, size)
+            mask = None if mask is None else image_lib.resize_mask(mask, size)
+        if mask is not None and not mask.any():
+            mask = None  # the crop or the resize removed the object
         if cfg.visual_prompts:
             prompt = prompts.sample_visual_prompt(
                 mask, rng, cfg.prompt_cfg, image_size=(size, size)
