@@ -119,6 +119,13 @@ def test_round_trip_and_exact_resume(tmp_path, built8):
     assert restored.dataset_statistics == {"libero": {"q01": [-1.0, 0.5], "n": 7}}
     assert restored.metadata["tokenizer"] == "/models/llama2/tokenizer.model"
 
+    # Evaluation reads the parameters alone, onto one device.
+    step, params = ckpt_lib.Checkpointer(tmp_path / "ckpt").restore_params(
+        None, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract.params)
+    )
+    assert step == 3
+    assert_trees_equal(params, saved_copy.params)
+
     state = restored.state
     resumed = []
     for i in range(int(state.step), 6):

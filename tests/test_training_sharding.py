@@ -62,7 +62,7 @@ def test_distributed_detection(monkeypatch):
         "JAX_COORDINATOR_ADDRESS",
         "TPU_WORKER_HOSTNAMES",
         "MEGASCALE_COORDINATOR_ADDRESS",
-        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
         "OMPI_COMM_WORLD_SIZE",
         "JAX_NUM_PROCESSES",
     ):
@@ -72,7 +72,12 @@ def test_distributed_detection(monkeypatch):
     assert mesh_lib.maybe_initialize_distributed(force=False) is False
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0")
     assert not mesh_lib.is_multi_host_environment()  # one host
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not mesh_lib.is_multi_host_environment()  # one task
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+    assert mesh_lib.is_multi_host_environment()
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
     assert mesh_lib.is_multi_host_environment()
 
 

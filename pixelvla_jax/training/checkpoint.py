@@ -248,6 +248,48 @@ class Checkpointer:
             metadata=restored[METADATA],
         )
 
+    def restore_params(
+        self, step: int | None, abstract_params: Any, shardings: Any = None
+    ) -> tuple[int, Any]:
+        """Reads only `state.params` (no optimizer state), e.g. for evaluation.
+
+        Args:
+          step: which step; None -> the newest complete one.
+          abstract_params: the unboxed parameter tree as ShapeDtypeStructs.
+          shardings: target shardings (structure of `abstract_params`); None uses those of
+            the ShapeDtypeStructs (or a single-device default when they carry none).
+
+        Returns:
+          `(step, params)`.
+        """
+        if step is None:
+            step = self.latest_complete_step()
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        reason = self._incomplete_reason(step)
+        if reason is not None:
+            raise FileNotFoundError(f"Checkpoint step {step} is incomplete: {reason}.")
+        target = (
+            abstract_params if shardings is None else with_shardings(abstract_params, shardings)
+        )
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda x: (
+                x
+                if getattr(x, "sharding", None) is not None
+                else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+            ),
+            target,
+        )
+        item = {"params": target}
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+        return step, restored[STATE]["params"]
+
     def restore_latest(
         self, abstract_state: Any = None, shardings: Any = None
     ) -> RestoredCheckpoint | None:

@@ -17,13 +17,14 @@ import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Environment variables that mean "this process is one of several hosts of one job".
+# Environment variables that mean "this process is one of several hosts of one job":
+# (name, True if any non-empty value counts, else the value must be an integer > 1).
 _MULTI_HOST_ENV = (
-    "JAX_COORDINATOR_ADDRESS",  # set by hand / launch scripts
-    "TPU_WORKER_HOSTNAMES",  # Cloud TPU VMs with more than one host
-    "MEGASCALE_COORDINATOR_ADDRESS",
-    "SLURM_JOB_ID",
-    "OMPI_COMM_WORLD_SIZE",
+    ("JAX_COORDINATOR_ADDRESS", True),  # set by hand / launch scripts
+    ("MEGASCALE_COORDINATOR_ADDRESS", True),
+    ("JAX_NUM_PROCESSES", False),
+    ("SLURM_NTASKS", False),
+    ("OMPI_COMM_WORLD_SIZE", False),
 )
 
 
@@ -90,11 +91,18 @@ def make_mesh(
 
 def is_multi_host_environment() -> bool:
     """True when environment variables say that this process is one host of several."""
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+    # Cloud TPU VMs list every worker of the slice.
+    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return True
-    if os.environ.get("JAX_NUM_PROCESSES", "1") not in ("", "1"):
-        return True
-    return any(os.environ.get(name) for name in _MULTI_HOST_ENV if name != "TPU_WORKER_HOSTNAMES")
+    for name, any_value in _MULTI_HOST_ENV:
+        value = os.environ.get(name, "")
+        if not value:
+            continue
+        if any_value:
+            return True
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
 
 
 def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
