@@ -85,7 +85,7 @@ def _cfg(**kw):
         proprio_dim=5,
         max_tokens=40,
         num_threads=2,
-        prefetch_buffer_size=8,
+        prefetch_batches=4,
         seed=3,
     )
     base.update(kw)
@@ -291,3 +291,21 @@ def test_end_to_end_with_generated_libero_dataset(tmp_path, tokenizer):
             assert pixels.std(0).max() < 12, pixels.std(0)
     has = np.concatenate([b["has_pixel_mask"] for b in batches])
     assert has.any() and not has.all()  # episode 1 has no annotation
+
+
+def test_worker_processes_give_the_same_batches(tokenizer):
+    """mp_prefetch workers (absl flags marked parsed, as REFERENCE.md notes) == threads."""
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    src = [FakeStepSource(24)]
+    threads = _take(
+        pipeline.make_dataset(_cfg(), src, [STATS], tokenizer, process_index=0, process_count=1), 3
+    )
+    ds = pipeline.make_dataset(
+        _cfg(worker_count=2), src, [STATS], tokenizer, process_index=0, process_count=1
+    )
+    it = iter(ds)
+    workers = [next(it) for _ in range(3)]
+    for a, b in zip(threads, workers):
+        _assert_same(a, b)

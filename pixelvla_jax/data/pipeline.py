@@ -7,9 +7,10 @@
          decode, resize (the evaluation resize) or, when augmenting, OpenVLA's random crop
          resampled straight from the source frame (same crop on the mask) + colour jitter,
          visual prompt from the mask, text prompt -> tokens, BOUNDS_Q99 normalisation
-      -> thread-parallel reading -> batch (drop remainder) -> optional worker processes.
+      -> batch (drop remainder) -> thread-parallel reading -> optional worker processes.
 
-Everything before the batch is a `grain.MapDataset`, so the iterator's state is one index:
+Everything up to the batch is a `grain.MapDataset`: batch k depends only on (seed, k), not
+on the number of threads or workers, and the iterator's state is one index:
 `it.get_state()` / `it.set_state(state)` resumes with identical batches. A batch is a dict
 of numpy arrays whose keys map 1:1 onto `pixelvla_jax.models.observation.Observation`
 fields plus `actions`, `action_pad_mask`, `proprio`, `dataset_id` (see `batch_spec`).
@@ -78,8 +79,8 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
-    num_threads: int = 4  # reader threads (PIL releases the GIL)
-    prefetch_buffer_size: int = 128  # samples read ahead by the threads
+    num_threads: int = 4  # reader threads, each builds whole batches (PIL releases the GIL)
+    prefetch_batches: int = 8  # batches read ahead by the threads
     worker_count: int = 0  # > 0: mp_prefetch worker processes
     worker_buffer_size: int = 2  # batches per worker
 
@@ -383,10 +384,11 @@ def make_dataset(
     samples = make_sample_dataset(
         cfg, sources, statistics, tokenizer, weights, process_index, process_count
     )
-    read = grain.ReadOptions(
-        num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_buffer_size
-    )
-    ds = samples.to_iter_dataset(read).batch(cfg.batch_size, drop_remainder=True)
+    # Batching on the MapDataset makes batch k a function of (seed, k) only: the same
+    # batches come out whatever the number of threads or worker processes.
+    batches = samples.batch(cfg.batch_size, drop_remainder=True)
+    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_batches)
+    ds = batches.to_iter_dataset(read)
     if cfg.worker_count > 0:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
