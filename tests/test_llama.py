@@ -1,5 +1,7 @@
 """Llama decoder: parity with HF transformers' LlamaForCausalLM, KV cache, masks, layouts, import."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,20 @@ def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
+@functools.lru_cache
+def _forward(config, dtype=jnp.float32):
+    """jit(Llama.forward) without a cache (eager Flax dispatch is slow on a loaded CPU)."""
+    llama = Llama(config, dtype=dtype)
+    return jax.jit(lambda p, t, pos, m: llama.apply(p, t, pos, m, method="forward")[0])
+
+
+def _init(config, tokens, positions, mask, seed=0):
+    fn = lambda: Llama(config).init(
+        jax.random.PRNGKey(seed), tokens, positions, mask, method="forward"
+    )
+    return jax.jit(fn)()
+
+
 def _full_inputs(batch: int, length: int):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     valid = jnp.ones((batch, length), bool)
@@ -83,9 +99,10 @@ def test_logits_match_hf(ref, kv_heads):
     params = convert_hf_llama(state, config)
     positions, mask = _full_inputs(*tokens.shape)
     logits, cache = Llama(config).apply(
-        {"params": params}, tokens, positions, mask, method=Llama.forward
+        {"params": params}, tokens[:1, :3], positions[:1, :3], mask[:1, :3, :3], method="forward"
     )
     assert cache is None
+    logits = _forward(config)({"params": params}, tokens, positions, mask)
     assert logits.shape == (2, 12, config.vocab_size)
     np.testing.assert_allclose(np.asarray(logits), _hf_logits(model, tokens), atol=TOL, rtol=0)
 
@@ -127,13 +144,7 @@ def test_right_padded_prompt_keeps_positions(ref):
     positions = llama_lib.positions_from_mask(valid)
     np.testing.assert_array_equal(np.asarray(positions[0]), [0, 1, 2, 3, 3, 3, 4, 5, 6])
     mask = llama_lib.make_attention_mask(valid, jnp.zeros_like(valid))
-    logits, _ = Llama(config).apply(
-        {"params": convert_hf_llama(state, config)},
-        padded,
-        positions,
-        mask,
-        method=Llama.forward,
-    )
+    logits = _forward(config)({"params": convert_hf_llama(state, config)}, padded, positions, mask)
     expected = _hf_logits(model, np.concatenate([prompt, tail])[None])
     real = np.asarray(valid[0])
     np.testing.assert_allclose(np.asarray(logits)[0, real], expected[0], atol=TOL, rtol=0)
@@ -189,23 +200,27 @@ def test_bf16_compute_runs_and_is_close():
     config = llama_lib.tiny()
     tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 6)).astype(np.int32)
     positions, mask = _full_inputs(*tokens.shape)
-    params = Llama(config).init(jax.random.PRNGKey(0), tokens, positions, mask, method="forward")
-    f32, _ = Llama(config).apply(params, tokens, positions, mask, method="forward")
-    bf16, _ = Llama(config, dtype=jnp.bfloat16).apply(
-        params, tokens, positions, mask, method="forward"
-    )
+    params = _init(config, tokens, positions, mask)
+    f32 = _forward(config)(params, tokens, positions, mask)
+    bf16 = _forward(config, jnp.bfloat16)(params, tokens, positions, mask)
     assert bf16.dtype == jnp.bfloat16
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(f32), atol=0.05, rtol=0.05)
     # Embed / call / logits as separate methods, and a bf16 KV cache.
     cache = KVCache.init(config, 2, 8, jnp.bfloat16)
     llama = Llama(config, dtype=jnp.bfloat16)
-    emb = llama.apply(params, tokens, method="embed")
-    assert emb.shape == (2, 6, config.width) and emb.dtype == jnp.bfloat16
     cmask = llama_lib.make_cache_attention_mask(jnp.ones((2, 8), bool), 0, 6)
-    hidden, cache = llama.apply(params, emb, positions, cmask, cache)
+
+    @jax.jit
+    def three_steps(params, cache):
+        emb = llama.apply(params, tokens, method="embed")
+        hidden, cache = llama.apply(params, emb, positions, cmask, cache)
+        return emb, hidden, cache, llama.apply(params, hidden, method="logits")
+
+    emb, hidden, cache, logits = three_steps(params, cache)
+    assert emb.shape == (2, 6, config.width) and emb.dtype == jnp.bfloat16
     assert hidden.shape == (2, 6, config.width) and cache.k.dtype == jnp.bfloat16
-    assert llama.apply(params, hidden, method="logits").shape == (2, 6, config.vocab_size)
+    assert logits.shape == (2, 6, config.vocab_size) and int(cache.index) == 6
 
 
 def test_attention_mask_semantics():
@@ -229,15 +244,15 @@ def test_attention_mask_semantics():
 def test_bidirectional_block_in_model():
     """An action-slot token sees a later action-slot token; no prompt token sees the future."""
     config = llama_lib.tiny()
-    llama = Llama(config)
     length = 7
     tokens = np.random.default_rng(6).integers(0, config.vocab_size, (1, length)).astype(np.int32)
     valid = jnp.ones((1, length), bool)
     bidir = jnp.asarray(np.arange(length)[None] >= 4)  # prompt 0..3, action slots 4..6
     mask = llama_lib.make_attention_mask(valid, bidir)
     positions = llama_lib.positions_from_mask(valid)
-    params = llama.init(jax.random.PRNGKey(1), tokens, positions, mask, method="forward")
-    run = lambda t: np.asarray(llama.apply(params, t, positions, mask, method="forward")[0])
+    params = _init(config, tokens, positions, mask, seed=1)
+    forward = _forward(config)
+    run = lambda t: np.asarray(forward(params, t, positions, mask))
     changed = tokens.copy()
     changed[0, 6] = (changed[0, 6] + 1) % config.vocab_size  # the last action slot
     base, new = run(tokens), run(changed)
