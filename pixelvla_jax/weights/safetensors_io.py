@@ -189,7 +189,7 @@ def save_file(
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     arrays, offset = [], 0
     for name, value in tensors.items():
-        arr = np.ascontiguousarray(np.asarray(value))
+        arr = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if arr.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         header[name] = {
