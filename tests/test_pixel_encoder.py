@@ -223,3 +223,25 @@ def test_jit_with_and_without_masks_traces_once():
     assert len(traces) == 1
     np.testing.assert_array_equal(np.asarray(mixed[0]), np.asarray(with_mask[0]))
     np.testing.assert_array_equal(np.asarray(mixed[1]), np.asarray(without[1]))
+
+
+def test_sharded_init_and_apply_on_a_mesh():
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
+    cfg = PixelEncoderConfig.tiny()
+    model = PixelEncoder(cfg)
+    levels = _levels(batch=8)
+    mask, has = jnp.asarray(_disc_mask(32, batch=8)), jnp.ones((8,), bool)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), levels, mask, has)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        variables = jax.jit(model.init, out_shardings=shardings)(
+            jax.random.key(0), levels, mask, has
+        )
+        out = jax.jit(model.apply)(variables, levels, mask, has)
+    kernel = nn.unbox(variables["params"])["semantic_mlp"]["out"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    unsharded = model.apply(jax.device_get(variables), levels, mask, has)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(unsharded), rtol=1e-5, atol=1e-6)

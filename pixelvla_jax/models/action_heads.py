@@ -119,7 +119,8 @@ class L1ActionHead(nn.Module):
             )(y)
             x = x + nn.relu(y)
         x = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, None, "norm_out")(x)
-        return _dense(cfg.action_dim, ("mlp", None), self.dtype, self.param_dtype, "fc_out")(x)
+        x = _dense(cfg.action_dim, ("mlp", None), self.dtype, self.param_dtype, "fc_out")(x)
+        return nn.with_logical_constraint(x, ("batch", None, None))
 
 
 def _valid_weights(pred: jax.Array, target: jax.Array, pad_mask: jax.Array) -> jax.Array:
