@@ -323,3 +323,36 @@ def test_import_errors_and_leaf_callback(ref):
 
 def re_shape(shape):
     return r"\(" + r", ".join(str(s) for s in shape) + r"\)"
+
+
+def test_sharded_init_and_forward_on_mesh():
+    """Logical names resolve on a (data, fsdp, tensor) mesh; sharded output == unsharded."""
+    config = llama_lib.tiny(scan_layers=True)
+    positions, mask = _full_inputs(4, 6)
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, config.vocab_size, (4, 6)), jnp.int32)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+    rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("length", None),
+        ("head_dim", None),
+    )
+    llama = Llama(config)
+    init = lambda: llama.init(jax.random.PRNGKey(0), tokens, positions, mask, method="forward")
+    with mesh, nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+        params = jax.jit(init, out_shardings=shardings)()
+        sharded = jax.jit(lambda p: llama.apply(p, tokens, positions, mask, method="forward")[0])(
+            params
+        )
+    q = params["params"]["layers"]["attn"]["q_proj"]["kernel"].value
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    plain = _forward(config)(nn.unbox(params), tokens, positions, mask)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-5, rtol=0)

@@ -281,7 +281,7 @@ class Attention(nn.Module):
             )
         groups = h // k_heads
         q = q.reshape(b, length, k_heads, groups, hd) * jnp.asarray(hd**-0.5, self.dtype)
-        logits = jnp.einsum("blkgd,bmkd->bkglm", q, k).astype(jnp.float32)
+        logits = jnp.einsum("blkgd,bmkd->bkglm", q, k, preferred_element_type=jnp.float32)
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkglm,bmkd->blkgd", probs, v).reshape(b, length, h * hd)
