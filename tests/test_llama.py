@@ -288,6 +288,13 @@ def test_config_from_hf(ref):
     assert got == config
     nested = config_from_hf({"text_config": hf_config.to_dict()}, scan_layers=True)
     assert nested == config.replace(scan_layers=True)
+    # OpenVLA's config.json: a text_config holding only what differs from HF's defaults.
+    openvla = config_from_hf(
+        {"pad_to_multiple_of": 64, "text_config": {"model_type": "llama", "vocab_size": 32064}}
+    )
+    assert openvla == llama_lib.llama2_7b()
+    with pytest.raises(KeyError, match="hidden_size"):
+        config_from_hf({"vocab_size": 10})
     with pytest.raises(ValueError, match="RoPE scaling"):
         config_from_hf({**hf_config.to_dict(), "rope_parameters": {"rope_type": "llama3"}})
 

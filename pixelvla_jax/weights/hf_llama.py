@@ -24,14 +24,33 @@ Getter = Callable[[str], Any]
 LeafFn = Callable[[tuple[str, ...], np.ndarray], Any]
 
 
+# transformers.LlamaConfig's defaults (= Llama-2-7B).
+HF_LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+}
+
+
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     """LlamaConfig from an HF config.json dict (a Llama one, or one with a `text_config`).
+
+    Fields missing from a dict with model_type "llama" take HF LlamaConfig's defaults.
 
     `overrides` set fields HF does not describe (lora_rules, remat, scan_layers).
     """
     cfg = dict(hf_config)
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = dict(cfg["text_config"])
+    if cfg.get("model_type") == "llama":
+        # Saved nested configs (e.g. OpenVLA's text_config) keep only the fields that differ
+        # from HF LlamaConfig's defaults, which are Llama-2-7B's.
+        cfg = {**HF_LLAMA_DEFAULTS, **cfg}
     missing = [
         k
         for k in (
