@@ -1,0 +1,108 @@
+"""Memory plan of the full-size (OpenVLA-7B based) PixelVLA train step, stages 1 and 2.
+
+    python bench/memory.py [--batch_size=64] [--stages=cat,pue] [--variant=spatial]
+
+Takes `configs/libero.py:<variant>` (stage 2, PUE: LoRA rank 32 on the LLM + pixel/prompt
+encoders + action head trained, frozen weights in bf16, bf16 compute, remat + scan) and a
+stage-1 copy of it (CAT: stage='cat', lora.rank=0: backbone frozen, action head trained,
+encoders off). On 8 simulated CPU devices with the config's mesh (fsdp=8), it builds the
+train state abstractly (`jax.eval_shape` + logical-rule shardings), lowers and compiles the
+jitted train step on it, and reads `compiled.memory_analysis()`: bytes of one device's
+program. Nothing of the 7B model is ever allocated.
+
+Per-device peak = arguments + outputs + temps - aliased (the donated state is counted once).
+
+Caveat: this is XLA:CPU's buffer assignment. TPU/GPU compilers fuse, schedule and
+rematerialise differently (and XLA:CPU may keep bf16 dots in f32), so their temps differ;
+the argument/output figures (the sharded state) carry over exactly.
+
+Ends with one `BENCH {...}` JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+
+# 8 simulated CPU devices; must be set before jax is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+
+from pixelvla_jax.training import memory_plan  # noqa: E402
+
+TARGET_GIB = 16.0  # v5e HBM per chip, the smallest TPU the design targets
+STAGE_KEYS = {"cat": "stage1", "pue": "stage2_lora"}
+
+
+def load_config(variant: str):
+    path = os.path.join(ROOT, "configs", "libero.py")
+    spec = importlib.util.spec_from_file_location("libero_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def stage_config(variant: str, stage: str, batch_size: int | None):
+    cfg = load_config(variant)
+    if stage == "cat":
+        cfg.stage = "cat"
+        cfg.model.lora.rank = 0
+    elif stage != "pue":
+        raise ValueError(f"--stages: unknown stage {stage!r}; use cat and/or pue.")
+    if batch_size:
+        cfg.data.batch_size = batch_size
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", default="spatial", help="configs/libero.py variant")
+    parser.add_argument("--batch_size", type=int, default=0, help="global batch (0: config's)")
+    parser.add_argument("--stages", default="cat,pue", help="comma list of cat, pue")
+    args = parser.parse_args()
+
+    devices = jax.devices()
+    print(f"backend {jax.default_backend()}, {len(devices)} devices, jax {jax.__version__}")
+    if len(devices) != 8:
+        print(f"warning: expected 8 simulated devices, got {len(devices)}")
+    figures: dict[str, float] = {}
+    targets: dict[str, list] = {}
+    for stage in [s for s in args.stages.split(",") if s]:
+        cfg = stage_config(args.variant, stage, args.batch_size)
+        key = STAGE_KEYS[stage]
+        start = time.perf_counter()
+        step = memory_plan.abstract_step(cfg)
+        build_s = time.perf_counter() - start
+        plan = memory_plan.plan_memory(step)
+        title = (
+            f"{key} ({stage}): frozen dtype {cfg.model.frozen_dtype or 'float32'}, "
+            f"compute {cfg.model.dtype}, remat={cfg.model.remat}, scan={cfg.model.scan_layers}, "
+            f"lora rank {cfg.model.lora.rank}; abstract build {build_s:.1f} s"
+        )
+        print(memory_plan.format_plan(plan, title), flush=True)
+        figures.update(plan.figures(prefix=f"{key}_"))
+        figures[f"{key}_batch_size"] = plan.batch_size
+        peak = round(plan.memory.peak_bytes / memory_plan.GIB, 3)
+        targets[f"{key}_per_device_gib"] = [peak, "<=", TARGET_GIB]
+    print(
+        "peak = arguments + outputs + temps - aliased, per device. Caveat: XLA:CPU memory "
+        "analysis; TPU/GPU buffer assignment (fusion, scheduling, bf16 handling) differs, "
+        "mostly in temps; the state (arguments) is exact."
+    )
+    print("BENCH " + json.dumps({"name": "memory", "figures": figures, "targets": targets}))
+
+
+if __name__ == "__main__":
+    main()
