@@ -220,3 +220,19 @@ def test_full_size_parameter_counts_match_timm(name, cfg):
     expected = _timm_param_count(name)
     assert _flax_param_count(cfg, scan=True) == expected
     assert _flax_param_count(cfg, scan=False) == expected
+
+
+def test_sharded_forward_under_logical_rules_matches_unsharded():
+    cfg, _, params = tower("siglip")
+    stacked = stack_block_params(params, cfg.depth)
+    x = jnp.asarray(images((8, 56, 56, 3), seed=5))
+    indices = [1, 3]
+    ref = run_vit(cfg, stacked, x, indices, scan_layers=True)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = [("batch", "data"), ("embed", "fsdp"), ("mlp", None), ("heads", None)]
+    model = ViT(cfg, scan_layers=True)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(lambda p, im: model.apply({"params": p}, im, indices))(stacked, x)
+    assert out[0].sharding.spec[0] == "data"
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(o), r, atol=1e-5, rtol=0)
