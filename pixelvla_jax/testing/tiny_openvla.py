@@ -214,6 +214,43 @@ def unnormalize_actions(actions: np.ndarray, stats: dict) -> np.ndarray:
     return np.where(mask, 0.5 * (actions + 1) * (high - low) + low, actions)
 
 
+def fast_random_params(abstract_params: Any, seed: int = 0) -> Any:
+    """Random params filled on the host with numpy, shaped like `abstract_params`.
+
+    `jax.jit(model.init)` of even the tiny model spends ~20 CPU-seconds compiling one random
+    op per parameter; tests and benchmarks that only need *some* well-scaled weights use
+    this instead: kernels ~ N(0, 1/fan_in), norm scales 1, biases and LoRA `lora_b` 0,
+    LayerScale in [0.5, 1], everything else (embeddings, tokens, slots) ~ N(0, 0.02).
+    `Partitioned` boxes are unboxed; returns float32 jax arrays (leaf dtypes kept).
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        if name == "scale" and len(shape) >= 1:
+            value = np.ones(shape)
+        elif name == "bias" or name.endswith("_bias") or name == "lora_b":
+            value = np.zeros(shape)
+        elif name in ("ls1", "ls2"):
+            value = rng.uniform(0.5, 1.0, shape)
+        elif name.endswith("kernel") or name == "lora_a":
+            if name in ("query_kernel", "key_kernel", "value_kernel"):
+                fan_in = shape[0]  # [D, H, hd]
+            else:
+                fan_in = int(np.prod(shape[:-1]))
+            value = rng.normal(0.0, 1.0 / np.sqrt(max(fan_in, 1)), shape)
+        else:
+            value = rng.normal(0.0, 0.02, shape)
+        return jnp.asarray(value, dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(abstract_params))
+
+
 def _make_reference_class():
     torch = import_torch()
     nn = torch.nn

@@ -1,0 +1,277 @@
+"""The assembled PixelVLA model: sequence layout, heads, one compilation, training, param count."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pixelvla_jax.models.action_heads import L1ActionHead
+from pixelvla_jax.models.observation import Observation
+from pixelvla_jax.models.pixel_encoder import PixelEncoder
+from pixelvla_jax.models.pixelvla import (
+    PixelVLA,
+    PixelVLAConfig,
+    abstract_variables,
+    count_params,
+)
+from pixelvla_jax.models.prompt_encoder import PromptEncoder
+from pixelvla_jax.testing.tiny_openvla import fast_random_params
+
+B = 2
+
+
+def _obs(config: PixelVLAConfig, seed: int = 0) -> Observation:
+    return Observation.fake(
+        B,
+        image_size=config.image_size,
+        max_prompt_points=config.max_prompt_points,
+        max_tokens=config.max_text_tokens,
+        vocab_size=config.tokenizer_vocab_size,
+        seed=seed,
+    )
+
+
+def _random_variables(config: PixelVLAConfig, seed: int = 0) -> dict:
+    """Host-filled random params (jit-compiling `model.init` costs ~20 CPU-s on its own)."""
+    return {"params": fast_random_params(abstract_variables(config)["params"], seed)}
+
+
+def _train_step(model, obs, actions, pad_mask, trainable: tuple[str, ...], lr: float):
+    """A jitted Adam step on the `trainable` top-level param groups (the rest frozen)."""
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(train):
+            full = {**params, **train}
+            return model.apply({"params": full}, obs, actions, pad_mask, method=PixelVLA.loss)
+
+        train = {k: params[k] for k in trainable}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
+        updates, opt_state = tx.update(grads, opt_state, train)
+        return {**params, **optax.apply_updates(train, updates)}, opt_state, loss, metrics
+
+    return tx, step
+
+
+@pytest.fixture(scope="module")
+def l1_model():
+    config = PixelVLAConfig.tiny()
+    return config, PixelVLA(config), _random_variables(config)
+
+
+def test_init_creates_the_same_tree_as_abstract_variables():
+    config = PixelVLAConfig.tiny(use_prompt_encoder=False)
+    abstract = nn.meta.unbox(abstract_variables(config))
+    shapes = jax.eval_shape(PixelVLA(config).init, jax.random.key(0), _obs(config))
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
+        nn.meta.unbox(shapes)
+    )
+    assert set(abstract["params"]) == {
+        "vision",
+        "projector",
+        "llm",
+        "pixel_encoder",
+        "action_slots",
+        "action_head",
+    }
+    assert "lm_head" in abstract["params"]["llm"]  # kept for the OpenVLA import
+
+
+def test_config_checks_widths():
+    config = PixelVLAConfig.tiny()
+    with pytest.raises(ValueError, match="pixel_encoder.out_dim"):
+        config.replace(pixel_encoder=config.pixel_encoder.__class__.tiny(out_dim=32))
+    with pytest.raises(ValueError, match="head"):
+        config.replace(head="diffusion")
+    assert config.prefix_length(48) == 48 + 16 + 2 + 2
+    stage1 = config.replace(use_pixel_encoder=False, use_prompt_encoder=False)
+    assert stage1.prefix_length(48) == 48 + 16
+
+
+def test_prefix_layout(l1_model):
+    config, model, variables = l1_model
+    obs = _obs(config)
+    emb, valid, text = jax.jit(
+        lambda v, o: (
+            *model.apply(v, o, method=PixelVLA.embed_prefix),
+            model.apply(v, o.tokens, method=lambda m, t: m.llm.embed(t)),
+        )
+    )(variables, obs)
+    s = config.prefix_length(config.max_text_tokens)
+    assert emb.shape == (B, s, config.llama.width) and valid.shape == (B, s)
+    n_fixed = 1 + config.vision.num_patches + 4
+    assert np.asarray(valid[:, :n_fixed]).all()
+    np.testing.assert_array_equal(valid[:, n_fixed:], obs.token_mask[:, 1:])
+    # BOS first, then text after the vision/pixel/prompt tokens: embeddings of the tokens.
+    np.testing.assert_allclose(emb[:, 0], text[:, 0])
+    np.testing.assert_allclose(emb[:, n_fixed:], text[:, 1:])
+
+
+def test_l1_predict_shape_and_padding_invariance(l1_model):
+    config, model, variables = l1_model
+    obs = _obs(config)
+    predict = jax.jit(lambda v, o: model.apply(v, o, method=PixelVLA.predict_actions))
+    actions = predict(variables, obs)
+    assert actions.shape == (B, config.action_head.chunk_size, 7)
+    assert np.isfinite(np.asarray(actions)).all()
+    # Extra right padding changes neither positions nor attention: same actions.
+    pad = 8
+    padded = obs.replace(
+        tokens=jnp.pad(obs.tokens, ((0, 0), (0, pad))),
+        token_mask=jnp.pad(obs.token_mask, ((0, 0), (0, pad))),
+    )
+    np.testing.assert_allclose(predict(variables, padded), actions, atol=2e-5)
+
+
+def test_absent_and_present_share_one_compilation(l1_model):
+    config, model, variables = l1_model
+    traces = []
+
+    @jax.jit
+    def predict(v, o):
+        traces.append(1)
+        return model.apply(v, o, method=PixelVLA.predict_actions)
+
+    mixed = _obs(config)  # sample 0 with mask + prompts, sample 1 without
+    absent = mixed.replace(
+        has_pixel_mask=jnp.zeros(B, bool),
+        has_prompt_mask=jnp.zeros(B, bool),
+        prompt_types=jnp.zeros_like(mixed.prompt_types),
+    )
+    present = mixed.replace(has_pixel_mask=jnp.ones(B, bool), has_prompt_mask=jnp.ones(B, bool))
+    out_mixed = predict(variables, mixed)
+    out_absent = predict(variables, absent)
+    out_present = predict(variables, present)
+    assert len(traces) == 1
+    # Sample 0 really uses its mask and prompts; sample 1 had none in `mixed`.
+    assert np.abs(np.asarray(out_mixed[0] - out_absent[0])).max() > 1e-4
+    np.testing.assert_allclose(out_mixed[1], out_absent[1], atol=1e-5)
+    assert np.abs(np.asarray(out_present[1] - out_absent[1])).max() > 1e-4
+
+
+def test_l1_loss_goes_down_with_adam(l1_model):
+    config, model, variables = l1_model
+    obs = _obs(config, seed=1)
+    rng = np.random.default_rng(0)
+    actions = jnp.asarray(rng.uniform(-1, 1, (B, config.chunk_size, 7)), jnp.float32)
+    pad_mask = jnp.asarray(np.arange(config.chunk_size)[None] < np.array([[4], [3]]))
+    # Stage 2 (PUE) trains the new modules; the backbone stays frozen.
+    trainable = ("pixel_encoder", "prompt_encoder", "action_slots", "action_head")
+    tx, step = _train_step(model, obs, actions, pad_mask, trainable, 1e-3)
+    params = variables["params"]
+    opt_state = tx.init({k: params[k] for k in trainable})
+    losses = []
+    for _ in range(6):
+        params, opt_state, loss, metrics = step(params, opt_state)
+        losses.append(float(loss))
+    assert metrics["l1_per_dim"].shape == (7,)
+    assert losses[-1] < 0.7 * losses[0], losses
+    np.testing.assert_array_equal(params["llm"]["norm"]["scale"], 1.0)  # frozen
+
+
+def test_discrete_head_cache_decoding_and_loss():
+    config = PixelVLAConfig.tiny(head="discrete", use_prompt_encoder=False)
+    model = PixelVLA(config)
+    obs = _obs(config, seed=2)
+    variables = _random_variables(config, seed=1)
+    assert "action_head" not in variables["params"]
+
+    @jax.jit
+    def decode(v, o):
+        tokens = model.apply(v, o, method=PixelVLA.generate_action_tokens)
+        logits = model.apply(v, o, tokens, method=PixelVLA.discrete_logits)
+        return tokens, logits, model.apply(v, o, method=PixelVLA.predict_actions)
+
+    tokens, logits, actions = decode(variables, obs)
+    assert tokens.shape == (B, 7)
+    assert logits.shape == (B, 8, config.llama.vocab_size)
+    # Greedy KV-cache decoding == argmax of the teacher-forced full-sequence logits.
+    np.testing.assert_array_equal(np.argmax(logits[:, :7], -1), tokens)
+    assert actions.shape == (B, 1, 7)
+    np.testing.assert_allclose(actions[:, 0], config.action_tokenizer.detokenize(tokens))
+
+    # OpenVLA's loss (7 action tokens + EOS) goes down; accuracy reported.
+    target = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, 1, 7)), jnp.float32)
+    pad_mask = jnp.ones((B, 1), bool)
+    tx, step = _train_step(model, obs, target, pad_mask, ("llm", "pixel_encoder"), 3e-3)
+    params = variables["params"]
+    opt_state = tx.init({k: params[k] for k in ("llm", "pixel_encoder")})
+    losses = []
+    for _ in range(6):
+        params, opt_state, loss, metrics = step(params, opt_state)
+        losses.append(float(loss))
+    assert set(metrics) >= {"loss", "action_accuracy", "l1"}
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _torch_counts():
+    from pixelvla_jax.testing.torch_reference import import_timm, import_transformers
+
+    timm = import_timm()
+    transformers = import_transformers()
+    import torch
+
+    def n(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        dino = timm.create_model(
+            "vit_large_patch14_reg4_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=224
+        )
+        siglip = timm.create_model(
+            "vit_so400m_patch14_siglip_224", pretrained=False, num_classes=0, img_size=224
+        )
+        llm_config = transformers.LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            tie_word_embeddings=False,
+        )
+        llm = transformers.LlamaForCausalLM(llm_config)
+    return n(dino), n(siglip), n(llm)
+
+
+def test_openvla_7b_param_count_matches_references():
+    config = PixelVLAConfig.openvla_7b()
+    params = nn.meta.unbox(abstract_variables(config))["params"]
+    dino, siglip, llm = _torch_counts()
+    d_v, hidden, d_llm, _ = config.vision.projector_dims
+    projector = d_v * hidden + hidden + hidden * d_llm + d_llm + d_llm * d_llm + d_llm
+    assert (d_v, hidden, d_llm) == (2176, 8704, 4096)
+
+    def sub_count(module, *args):
+        return count_params(jax.eval_shape(module.init, jax.random.key(0), *args)["params"])
+
+    sds = jax.ShapeDtypeStruct
+    spec = config.spec(1)
+    siglip_levels = [sds((1, 256, 1152), jnp.float32)] * config.pixel_encoder.num_levels
+    pixel = sub_count(
+        PixelEncoder(config.pixel_encoder), siglip_levels, spec.pixel_mask, spec.has_pixel_mask
+    )
+    prompt = sub_count(
+        PromptEncoder(config.prompt_encoder),
+        spec.prompt_points,
+        spec.prompt_types,
+        spec.prompt_mask,
+        spec.has_prompt_mask,
+    )
+    head = sub_count(
+        L1ActionHead(config.action_head), sds((1, config.num_action_slots, 4096), jnp.float32)
+    )
+    slots = config.num_action_slots * 4096
+
+    assert count_params(params["vision"]) == dino + siglip
+    assert count_params(params["projector"]) == projector
+    assert count_params(params["llm"]) == llm
+    assert count_params(params["pixel_encoder"]) == pixel
+    assert count_params(params["prompt_encoder"]) == prompt
+    assert count_params(params["action_head"]) == head
+    assert count_params(params) == dino + siglip + projector + llm + pixel + prompt + head + slots
+    # OpenVLA-7B itself: ~7.54B parameters.
+    assert 7.5e9 < dino + siglip + projector + llm < 7.6e9
