@@ -1,0 +1,248 @@
+"""Generic closed-loop runner: seeded episodes, chunked open-loop execution, reports.
+
+An environment here is any object built as `env_cls(seed)` with
+
+    env.image() -> uint8 [H, W, 3]          the current camera frame
+    env.instruction: str                    the task instruction
+    env.target_mask() -> [H, W] | None      the oracle mask of the target object
+    env.step(action [7]) -> bool            applies one action (LIBERO convention); True = done
+    env.done, env.success: bool
+    env.max_steps: int
+    env.chance: float (optional)            success rate of a policy that cannot tell the
+                                            target from its look-alikes
+
+`run_episodes` steps up to `batch_size` environments together: whenever an episode has no
+planned actions left, it is given a new chunk from one batched `policy.act` call, and its
+first `replan` actions (the whole chunk by default) are executed open loop. `evaluate_policy`
+runs the same seeded episodes once per prompt kind and writes results.json, a bar plot
+(success.png, drawn with PIL) and a few rollout GIFs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pixelvla_jax.data.normalization import open01_to_libero_gripper
+
+
+def standardised_to_libero(action: np.ndarray) -> np.ndarray:
+    """Policy output (gripper 1 = open, 0 = closed) -> LIBERO's (-1 open, +1 close)."""
+    out = np.asarray(action, np.float32).copy()
+    out[..., -1] = open01_to_libero_gripper(out[..., -1])
+    return out
+
+
+def episode_seeds(seed: int, num_episodes: int) -> list[int]:
+    """The evaluation's episode seeds (disjoint from training's small seeds for seed >= 1)."""
+    return [int(seed) * 1_000_003 + k for k in range(num_episodes)]
+
+
+def run_episodes(
+    policy: Any,
+    env_cls: Callable[[int], Any],
+    seeds: Sequence[int],
+    prompt_kind: str = "mask",
+    *,
+    replan: int = 0,
+    batch_size: int = 50,
+    record: Sequence[int] = (),
+    to_env_action: Callable[[np.ndarray], np.ndarray] = standardised_to_libero,
+    prompt_seed: int = 0,
+) -> list[dict]:
+    """Runs one episode per seed with `policy` given `prompt_kind` inputs.
+
+    Args:
+      policy: has `act(images, instructions, pixel_masks, prompt_kinds, seed)` -> [B, N_c, 7]
+        and `chunk_size`.
+      env_cls: `env_cls(seed)` builds an environment (see module docstring).
+      seeds: one episode per seed.
+      prompt_kind: what the policy is given (see `pixelvla_jax.policy.PROMPT_KINDS`).
+      replan: actions executed per predicted chunk (0 or > N_c: the whole chunk).
+      batch_size: episodes stepped together; `policy.act` always sees this batch size
+        (padded), so it compiles once.
+      record: indices (into `seeds`) of episodes whose frames are kept for GIFs.
+      to_env_action: maps one policy action to the environment's convention.
+      prompt_seed: seeds the visual prompts.
+    Returns:
+      one dict per episode: seed, success, steps, instruction, chance, frames (recorded only).
+    """
+    chunk = int(policy.chunk_size)
+    execute = chunk if replan <= 0 else min(replan, chunk)
+    record = set(record)
+    results: list[dict] = []
+    for start in range(0, len(seeds), batch_size):
+        group = list(range(start, min(start + batch_size, len(seeds))))
+        envs = [env_cls(seeds[i]) for i in group]
+        plans = [collections.deque() for _ in group]
+        frames = {j: [envs[j].image()] for j, i in enumerate(group) if i in record}
+        calls = 0
+        while True:
+            active = [j for j, env in enumerate(envs) if not env.done]
+            if not active:
+                break
+            need = [j for j in active if not plans[j]]
+            if need:
+                images = [envs[j].image() for j in need]
+                masks = [envs[j].target_mask() for j in need]
+                shape = images[0].shape[:2]
+                masks = [m if m is not None else np.zeros(shape, np.float32) for m in masks]
+                kinds = [prompt_kind if m.any() else "none" for m in masks]
+                pad = batch_size - len(need)
+                images += [images[0]] * pad
+                masks += [masks[0]] * pad
+                kinds += [kinds[0]] * pad
+                actions = policy.act(
+                    np.stack(images),
+                    [envs[j].instruction for j in need] + [envs[need[0]].instruction] * pad,
+                    np.stack(masks).astype(np.float32),
+                    kinds,
+                    seed=prompt_seed * 1_000_003 + start * 1_009 + calls,
+                )
+                calls += 1
+                for k, j in enumerate(need):
+                    plans[j].extend(actions[k, :execute])
+            for j in active:
+                envs[j].step(to_env_action(plans[j].popleft()))
+                if envs[j].done:
+                    plans[j].clear()
+                if j in frames:
+                    frames[j].append(envs[j].image())
+        for j, i in enumerate(group):
+            env = envs[j]
+            results.append(
+                {
+                    "seed": int(seeds[i]),
+                    "success": bool(env.success),
+                    "steps": int(env.steps),
+                    "instruction": env.instruction,
+                    "chance": float(getattr(env, "chance", float("nan"))),
+                    "frames": frames.get(j),
+                }
+            )
+    return results
+
+
+# ------------------------------------------------------------------ reports
+
+
+def save_gif(frames: Sequence[np.ndarray], path: str, scale: int = 4, ms: int = 150) -> None:
+    """Writes uint8 [H, W, 3] frames as an animated GIF, upscaled `scale` x (nearest)."""
+    images = [
+        Image.fromarray(np.asarray(f, np.uint8)).resize(
+            (f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST
+        )
+        for f in frames
+    ]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=ms, loop=0)
+
+
+def bar_plot(
+    rates: dict[str, float], path: str, chance: float | None = None, title: str = ""
+) -> None:
+    """Success rate per prompt kind as a PNG bar chart (PIL only), chance as a dashed line."""
+    width, height, left, bottom, top = 120 + 90 * len(rates), 320, 50, 40, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    plot_h = height - bottom - top
+    y_of = lambda v: height - bottom - v * plot_h  # noqa: E731
+    draw.line([(left, top), (left, height - bottom), (width - 10, height - bottom)], "black")
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = y_of(tick)
+        draw.line([(left - 4, y), (left, y)], "black")
+        draw.text((5, y - 6), f"{int(tick * 100)}%", fill="black")
+    palette = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (150, 150, 150)]
+    for k, (name, rate) in enumerate(rates.items()):
+        x0 = left + 20 + 90 * k
+        draw.rectangle([x0, y_of(rate), x0 + 60, y_of(0)], fill=palette[k % len(palette)])
+        draw.text((x0 + 12, y_of(rate) - 14), f"{rate * 100:.0f}%", fill="black")
+        draw.text((x0 + 5, height - bottom + 8), name, fill="black")
+    if chance is not None and np.isfinite(chance):
+        y = y_of(chance)
+        for x in range(left, width - 10, 10):
+            draw.line([(x, y), (x + 5, y)], fill=(200, 0, 0))
+        draw.text((width - 85, y - 14), f"chance {chance * 100:.0f}%", fill=(200, 0, 0))
+    if title:
+        draw.text((left, 10), title, fill="black")
+    img.save(path)
+
+
+def evaluate_policy(
+    policy: Any,
+    env_cls: Callable[[int], Any],
+    num_episodes: int = 50,
+    prompt_kinds: Sequence[str] = ("mask", "points", "box", "line", "none"),
+    *,
+    replan: int = 0,
+    seed: int = 7,
+    out_dir: str = "",
+    videos: int = 2,
+    batch_size: int = 50,
+    title: str = "",
+) -> dict:
+    """Success rate per prompt kind over the same `num_episodes` seeded episodes.
+
+    Returns {"num_episodes", "seed", "replan", "chance_rate", "success": {kind: rate},
+    "episodes": {kind: [{seed, success, steps, instruction}]}}; with `out_dir`, also
+    writes results.json, success.png and `videos` GIFs per kind (<kind>_<seed>.gif).
+    """
+    seeds = episode_seeds(seed, num_episodes)
+    record = range(min(videos, num_episodes)) if out_dir else ()
+    batch_size = max(1, min(batch_size, num_episodes))
+    results: dict[str, Any] = {
+        "num_episodes": num_episodes,
+        "seed": seed,
+        "replan": replan,
+        "success": {},
+        "episodes": {},
+    }
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    chances = []
+    for kind in prompt_kinds:
+        episodes = run_episodes(
+            policy,
+            env_cls,
+            seeds,
+            kind,
+            replan=replan,
+            batch_size=batch_size,
+            record=record,
+            prompt_seed=seed,
+        )
+        results["success"][kind] = float(np.mean([e["success"] for e in episodes]))
+        chances = [e["chance"] for e in episodes]
+        for e in episodes:
+            frames = e.pop("frames")
+            if frames and out_dir:
+                save_gif(frames, os.path.join(out_dir, f"{kind}_{e['seed']}.gif"))
+        results["episodes"][kind] = episodes
+    results["chance_rate"] = float(np.mean(chances)) if chances else float("nan")
+    if out_dir:
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        bar_plot(
+            results["success"],
+            os.path.join(out_dir, "success.png"),
+            results["chance_rate"],
+            title,
+        )
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A console table of success per prompt kind (and the chance rate)."""
+    n = results["num_episodes"]
+    lines = [f"{'prompt':<10}{'success':>10}{'episodes':>10}", "-" * 30]
+    for kind, rate in results["success"].items():
+        lines.append(f"{kind:<10}{rate * 100:>9.1f}%{n:>10d}")
+    chance = results.get("chance_rate")
+    if chance is not None and np.isfinite(chance):
+        lines.append(f"{'chance':<10}{chance * 100:>9.1f}%")
+    return "\n".join(lines)
