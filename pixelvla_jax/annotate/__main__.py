@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", default=None, help="SamModel folder")
     p.add_argument("--llm", default=None, help="causal LM folder (default: rule-based nouns)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--video_mask_threshold",
+        type=float,
+        default=0.0,
+        help="SAM 2 mask logit threshold (0 = the model's own)",
+    )
     p.add_argument("--process_index", type=int, default=int(os.environ.get("PROCESS_INDEX", 0)))
     p.add_argument("--process_count", type=int, default=int(os.environ.get("PROCESS_COUNT", 1)))
     p.add_argument("--no_merge", action="store_true", help="do not write the output dataset")
@@ -133,6 +139,7 @@ def main(argv=None) -> int:
             "llm": args.llm,
         },
         args.device,
+        args.video_mask_threshold,
     )
     stats = annotate_dataset(
         args.dataset,

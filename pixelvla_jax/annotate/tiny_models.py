@@ -199,7 +199,7 @@ def save_detector(path: str, size: str = "tiny") -> str:
             encoder_n_points=2,
             decoder_n_points=2,
         )
-        pre = {"size": {"shortest_edge": 64, "longest_edge": 128}}
+        pre = {"size": {"shortest_edge": 128, "longest_edge": 192}}
     model = tr.GroundingDinoForObjectDetection(cfg)
     _save(model, path, pre)
     _word_tokenizer(path, bert=True)  # word-level: covers the test/bench queries
