@@ -56,6 +56,7 @@ def import_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import_torch()
+    _import_torchvision()  # transformers imports torchvision when it is installed
     import transformers
 
     return transformers

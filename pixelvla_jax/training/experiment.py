@@ -1,0 +1,570 @@
+"""Wires config -> data, model, optimizer, mesh, checkpoints -> the training loop.
+
+`train.py` is a thin flag reader around `train(config, workdir)`; tests call the functions
+here directly. The config layout (every key known in advance, so a misspelt key is an
+error before anything compiles) is `base_config()`; `configs/*.py` start from it.
+
+Stages are freeze policies (regexes over parameter paths, first full match wins):
+
+    cat            stage 1, Continuous Action Training: action head (+ slots) trained,
+                   pixel/prompt encoders off, everything else frozen
+    pue            stage 2, Pixel-level Understanding Enhancement: LoRA on the LLM, pixel and
+                   prompt encoders, action head trained; everything else frozen
+    finetune       everything trained
+    lora_discrete  OpenVLA-style LoRA fine-tuning with the discrete token head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pixelvla_jax.data import pipeline as pipeline_lib
+from pixelvla_jax.models import lora as lora_lib
+from pixelvla_jax.models.observation import Observation
+from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
+from pixelvla_jax.training import checkpoint as checkpoint_lib
+from pixelvla_jax.training import mesh as mesh_lib
+from pixelvla_jax.training import metrics as metrics_lib
+from pixelvla_jax.training import optimizer as optimizer_lib
+from pixelvla_jax.training import sharding as sharding_lib
+from pixelvla_jax.training.policy import FROZEN, TRAINED
+from pixelvla_jax.training.preemption import PreemptionHandler
+from pixelvla_jax.training.train_state import abstract_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+OBS_KEYS = tuple(f.name for f in dataclasses.fields(Observation))
+MODEL_PRESETS = ("tiny", "openvla_7b")
+TRAINED_HEAD = (("action_head/.*", TRAINED), ("action_slots", TRAINED))
+STAGE_POLICIES: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
+    "cat": (TRAINED_HEAD, FROZEN),
+    "pue": (
+        (
+            (".*/lora_[ab]", TRAINED),
+            ("pixel_encoder/.*", TRAINED),
+            ("prompt_encoder/.*", TRAINED),
+            *TRAINED_HEAD,
+        ),
+        FROZEN,
+    ),
+    "finetune": ((), TRAINED),
+    "lora_discrete": (((".*/lora_[ab]", TRAINED),), FROZEN),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; raised before any data is read or anything compiles."""
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a training config may set, with defaults (a tiny CPU run)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stage = "finetune"  # a key of STAGE_POLICIES
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # one of MODEL_PRESETS
+    c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
+    c.model.chunk_size = 8  # N_c
+    c.model.use_pixel_encoder = True
+    c.model.use_prompt_encoder = True
+    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
+    c.model.frozen_dtype = ""  # e.g. "bfloat16": frozen weights held in bf16
+    c.model.remat = False
+    c.model.scan_layers = False
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0  # 0: no LoRA
+    c.model.lora.alpha = 16.0
+    c.model.lora.rslora = False
+    c.model.lora.targets = r".*_proj"  # regex over LLM module paths ("all linear layers")
+
+    data = dataclasses.asdict(pipeline_lib.DataConfig())
+    data["datasets"] = [("synthetic_libero", 1.0)]
+    data["data_dir"] = "data"
+    c.data = ml_collections.ConfigDict(data)
+    # A dataset generated on first use when absent ("" = never generate).
+    c.data_generator = ml_collections.ConfigDict()
+    c.data_generator.kind = ""  # "synthetic_libero" (more in later versions)
+    c.data_generator.num_episodes = 16
+    c.data_generator.episode_length = 24
+    c.data_generator.image_size = 64
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # a sentencepiece .model; "" -> the OpenVLA checkpoint's or a tiny one
+    c.tokenizer.tiny_vocab_size = 512  # trained on the spot when no path is given
+
+    c.init = ml_collections.ConfigDict()
+    c.init.openvla_checkpoint = ""  # an OpenVLA HF directory (safetensors + config.json)
+    c.init.from_checkpoint = ""  # a run's checkpoint dir: start from its params (stage 1 -> 2)
+
+    c.optim = ml_collections.ConfigDict(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in optimizer_lib.DEFAULTS.items()}
+    )
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 10
+    c.optim.total_steps = 200
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [list(r) for r in sharding_lib.DEFAULT_RULES]
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 200
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.train.keep_last = 3
+    c.train.keep_period = 0  # also keep every K-th step (0: off)
+    c.train.async_checkpoint = True
+    c.train.peak_flops = 0.0  # per device, for MFU; 0 -> measured on CPU, unknown elsewhere
+    c.train.progress = True
+    return c
+
+
+def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
+    if not isinstance(reference, ml_collections.ConfigDict):
+        return
+    if not isinstance(cfg, ml_collections.ConfigDict | Mapping):
+        raise ConfigError(f"config.{prefix} must be a section of keys, got {cfg!r}")
+    for key in cfg:
+        if key not in reference:
+            near = difflib.get_close_matches(key, list(reference.keys()), n=1)
+            hint = f" Did you mean {prefix}{near[0]!r}?" if near else ""
+            raise ConfigError(
+                f"Unknown config key 'config.{prefix}{key}'.{hint} "
+                f"Known keys here: {sorted(reference.keys())}."
+            )
+        _check_keys(cfg[key], reference[key], f"{prefix}{key}.")
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for an unknown key or an impossible value (nothing is built)."""
+    _check_keys(cfg, base_config(), "")
+    if cfg.stage not in STAGE_POLICIES:
+        raise ConfigError(f"config.stage={cfg.stage!r}; use one of {sorted(STAGE_POLICIES)}.")
+    if cfg.model.preset not in MODEL_PRESETS:
+        raise ConfigError(f"config.model.preset={cfg.model.preset!r}; use one of {MODEL_PRESETS}.")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.model.dtype={cfg.model.dtype!r}; use float32 or bfloat16.")
+    if cfg.stage == "pue" and cfg.model.lora.rank <= 0:
+        raise ConfigError("config.stage='pue' trains LoRA: set config.model.lora.rank > 0 (32).")
+    if cfg.stage == "lora_discrete" and (cfg.model.lora.rank <= 0 or cfg.model.head != "discrete"):
+        raise ConfigError(
+            "stage 'lora_discrete' needs model.lora.rank > 0 and model.head='discrete'."
+        )
+    if cfg.model.head == "discrete" and cfg.data.action_chunk < 1:
+        raise ConfigError("config.data.action_chunk must be >= 1.")
+    if cfg.model.head == "l1" and cfg.data.action_chunk != cfg.model.chunk_size:
+        raise ConfigError(
+            f"config.data.action_chunk={cfg.data.action_chunk} must equal "
+            f"config.model.chunk_size={cfg.model.chunk_size} for the L1 head."
+        )
+    if cfg.train.num_steps < 1 or cfg.train.log_every < 1 or cfg.train.checkpoint_every < 1:
+        raise ConfigError("config.train.num_steps, log_every and checkpoint_every must be >= 1.")
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
+    """The PixelVLAConfig a training config describes."""
+    m = cfg.model
+    preset = getattr(PixelVLAConfig, m.preset)()
+    llama = preset.llama
+    if m.lora.rank > 0:
+        rule = (m.lora.targets, lora_lib.LoRAConfig(m.lora.rank, m.lora.alpha, m.lora.rslora))
+        llama = llama.replace(lora_rules=(rule,))
+    llama = llama.replace(remat=m.remat, scan_layers=m.scan_layers)
+    head = dataclasses.replace(preset.action_head, chunk_size=m.chunk_size)
+    return preset.replace(
+        llama=llama,
+        action_head=head,
+        head=m.head,
+        use_pixel_encoder=m.use_pixel_encoder and cfg.stage != "cat",
+        use_prompt_encoder=m.use_prompt_encoder and cfg.stage != "cat",
+        vision_remat=m.remat,
+        max_text_tokens=cfg.data.max_tokens,
+        max_prompt_points=cfg.data.prompt_cfg.max_points,
+    )
+
+
+def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
+    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+
+
+def freeze_rules(cfg: ml_collections.ConfigDict) -> tuple[list, str]:
+    """(rules, default) of the stage, after any rules given in `config.optim.freeze`."""
+    rules, default = STAGE_POLICIES[cfg.stage]
+    return [tuple(r) for r in cfg.optim.freeze] + list(rules), default
+
+
+def optim_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    optim = ml_collections.ConfigDict(cfg.optim.to_dict())
+    rules, default = freeze_rules(cfg)
+    optim.freeze = rules
+    optim.freeze_default = default
+    return optim
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def ensure_data(cfg: ml_collections.ConfigDict) -> None:
+    """Generates the configured dataset when it is absent; otherwise checks it exists."""
+    gen = cfg.data_generator
+    for name, _ in cfg.data.datasets:
+        path = os.path.join(cfg.data.data_dir, name)
+        if os.path.isdir(path):
+            continue
+        if gen.kind == "pixelref" and name == gen.kind:
+            from pixelvla_jax.envs import pixelref
+
+            log.info("Generating %d PixelRef expert episodes in %s", gen.num_episodes, path)
+            pixelref.generate_dataset(
+                cfg.data.data_dir,
+                num_episodes=gen.num_episodes,
+                seed=cfg.seed,
+                config=pixelref.PixelRefConfig(image_size=gen.image_size),
+            )
+            continue
+        if gen.kind and name == gen.kind:
+            from pixelvla_jax.data import generate
+
+            fmt = gen.kind.removeprefix("synthetic_")
+            log.info("Generating dataset %s in %s", name, path)
+            generate.write_synthetic_dataset(
+                cfg.data.data_dir,
+                fmt=fmt,
+                num_episodes=gen.num_episodes,
+                episode_lengths=gen.episode_length,
+                image_size=gen.image_size,
+                name=name,
+                seed=cfg.seed,
+            )
+            continue
+        raise FileNotFoundError(
+            f"Dataset {name!r} not found: looked for {os.path.abspath(path)}. Download the RLDS "
+            f"dataset into {os.path.abspath(cfg.data.data_dir)} (TFRecord datasets are converted "
+            f"with `python -m pixelvla_jax.data.convert --dataset_dir={path}`), or pass "
+            "--data_dir=DIR / --config.data.data_dir=DIR."
+        )
+
+
+def resolve_tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Path of the sentencepiece model: configured, the OpenVLA checkpoint's, or a tiny one."""
+    from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
+
+    if cfg.tokenizer.path:
+        if not os.path.exists(cfg.tokenizer.path):
+            raise FileNotFoundError(f"config.tokenizer.path={cfg.tokenizer.path} does not exist.")
+        return cfg.tokenizer.path
+    if cfg.init.openvla_checkpoint:
+        path = os.path.join(cfg.init.openvla_checkpoint, "tokenizer.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No tokenizer.model in {cfg.init.openvla_checkpoint}.")
+        return path
+    path = os.path.join(workdir, f"tokenizer_tiny_{cfg.tokenizer.tiny_vocab_size}.model")
+    if not os.path.exists(path) and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        train_tiny_tokenizer(path, vocab_size=cfg.tokenizer.tiny_vocab_size)
+    return path
+
+
+def data_config(cfg: ml_collections.ConfigDict, tokenizer_path: str) -> pipeline_lib.DataConfig:
+    raw = cfg.data.to_dict()
+    raw["tokenizer_path"] = tokenizer_path
+    raw["batch_size"] = cfg.data.batch_size // jax.process_count()
+    raw["seed"] = cfg.seed if cfg.data.seed == 0 else cfg.data.seed
+    return pipeline_lib.DataConfig.from_mapping(raw)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run is made of; built by `setup`, driven by `run`."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: str
+    model_cfg: PixelVLAConfig
+    model: PixelVLA
+    mesh: jax.sharding.Mesh
+    rules: Any
+    labels: Any
+    state: Any
+    shardings: Any
+    train_step: Any
+    data_iter: Any
+    statistics: list[dict]
+    dataset_names: list[str]
+    tokenizer_path: str
+    checkpointer: checkpoint_lib.Checkpointer
+    start_step: int
+    tokens_per_example: int
+
+
+def batch_to_observation(batch: Mapping[str, Any]) -> Observation:
+    return Observation(**{k: batch[k] for k in OBS_KEYS})
+
+
+def make_loss_fn(model: PixelVLA):
+    def loss_fn(params, batch, rng):
+        del rng  # the model has no stochastic layers
+        loss, metrics = model.apply(
+            {"params": params},
+            batch_to_observation(batch),
+            batch["actions"],
+            batch["action_pad_mask"],
+            method=PixelVLA.loss,
+        )
+        out = {}
+        for key, value in metrics.items():
+            if getattr(value, "ndim", 0) == 1:
+                for i in range(value.shape[0]):
+                    out[f"{key}/{i}"] = value[i]
+            else:
+                out[key] = value
+        return loss, out
+
+    return loss_fn
+
+
+def init_params_fn(model: PixelVLA):
+    """`rng -> params` (boxed with logical axes) of `model`, from a batch-1 dummy observation."""
+    spec = model.config.spec(1)
+
+    def init_params(rng):
+        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+        return model.init(rng, dummy)["params"]
+
+    return init_params
+
+
+def _init_from_previous_run(exp_params: Any, from_dir: str, model_cfg_of) -> Any:
+    """Copies every param that a previous run's newest checkpoint has (stage 1 -> stage 2)."""
+    previous = checkpoint_lib.Checkpointer(from_dir, async_save=False)
+    step = previous.latest_complete_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"config.init.from_checkpoint={from_dir} holds no complete checkpoint."
+        )
+    saved = previous.restore(step)  # JSON items only
+    prev_model_cfg = model_cfg_of(ml_collections.ConfigDict(saved.config))
+    prev_init = init_params_fn(PixelVLA(prev_model_cfg))
+    prev_params = jax.eval_shape(lambda r: nn.unbox(prev_init(r)), jax.random.key(0))
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(exp_params)[0])
+    flat_prev = jax.tree_util.tree_flatten_with_path(prev_params)[0]
+    shared = {p: x for p, x in flat_prev if p in flat_new and flat_new[p].shape == x.shape}
+    subset_paths = set(shared)
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_new[p].sharding)
+            if p in subset_paths
+            else None
+        ),
+        prev_params,
+    )
+    _, restored = previous.restore_params(step, abstract)
+    previous.close()
+    restored_flat = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+    log.info("Initialised %d params from %s step %d", len(restored_flat), from_dir, step)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: restored_flat[p].astype(x.dtype) if p in restored_flat else x, exp_params
+    )
+
+
+def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
+    """Builds data, model, sharded train state (restored when the workdir has a checkpoint)."""
+    validate_config(cfg)
+    model_cfg = model_config(cfg)
+    mesh = mesh_lib.make_mesh(dict(cfg.mesh))
+    rules = sharding_lib.normalize_rules(cfg.sharding_rules)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % batch_shards:
+        raise ConfigError(
+            f"config.data.batch_size={cfg.data.batch_size} is not a multiple of the "
+            f"{batch_shards} batch shards of mesh {dict(mesh.shape)}; change the batch size "
+            "or config.mesh."
+        )
+    ensure_data(cfg)
+    tokenizer_path = resolve_tokenizer(cfg, workdir)
+    dcfg = data_config(cfg, tokenizer_path)
+    sources, statistics = pipeline_lib.build_sources(dcfg)
+    dataset = pipeline_lib.make_dataset(dcfg, sources, statistics)
+
+    model = PixelVLA(model_cfg, dtype=compute_dtype(cfg))
+    init_params = init_params_fn(model)
+    rng = jax.random.PRNGKey(cfg.seed)
+    optim = optim_config(cfg)
+    abstract_params = jax.eval_shape(init_params, rng)
+    labels = optimizer_lib.freeze_labels(optim, abstract_params)
+    tx = optimizer_lib.make_optimizer(optim, abstract_params)
+    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None
+    init_fn, abstract_state, shardings = abstract_train_state(
+        init_params, tx, mesh, rules, rng, labels=labels, frozen_dtype=frozen_dtype
+    )
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=cfg.train.keep_last,
+        keep_period=cfg.train.keep_period or None,
+        async_save=cfg.train.async_checkpoint,
+    )
+    data_iter = iter(dataset)
+    with sharding_lib.sharding_context(mesh, rules):
+        restored = checkpointer.restore_latest(abstract_state, shardings)
+        if restored is not None:
+            state = restored.state
+            if restored.data_state is not None:
+                data_iter.set_state(restored.data_state)
+            start_step = int(restored.step)
+            log.info("Resumed from %s step %d", workdir, start_step)
+        else:
+            state = jax.jit(init_fn, out_shardings=shardings)(rng)
+            start_step = 0
+            params = state.params
+            if cfg.init.openvla_checkpoint:
+                from pixelvla_jax.weights import openvla
+
+                imported = openvla.import_openvla(
+                    cfg.init.openvla_checkpoint,
+                    model_cfg,
+                    dtype=jnp.float32,
+                    shardings=shardings.params,
+                )
+                params = openvla.merge_imported(params, imported.params)
+            if cfg.init.from_checkpoint:
+                params = _init_from_previous_run(params, cfg.init.from_checkpoint, model_config)
+            params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, abstract_state.params)
+            state = state.replace(params=jax.device_put(params, shardings.params))
+
+    train_step = make_train_step(
+        make_loss_fn(model),
+        tx,
+        shardings,
+        labels=labels,
+        learning_rate_fn=optimizer_lib.learning_rate_fn(optim),
+        grad_accum_steps=int(cfg.optim.grad_accum_steps),
+    )
+    tokens = model_cfg.prefix_length(cfg.data.max_tokens) + (
+        model_cfg.num_action_slots if cfg.model.head == "l1" else model_cfg.action_dim + 1
+    )
+    return Experiment(
+        cfg=cfg,
+        workdir=workdir,
+        model_cfg=model_cfg,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        labels=labels,
+        state=state,
+        shardings=shardings,
+        train_step=train_step,
+        data_iter=data_iter,
+        statistics=list(statistics),
+        dataset_names=[n for n, _ in cfg.data.datasets],
+        tokenizer_path=tokenizer_path,
+        checkpointer=checkpointer,
+        start_step=start_step,
+        tokens_per_example=tokens,
+    )
+
+
+def _flops_per_step(exp: Experiment) -> float:
+    sizes = jax.tree.map(lambda p: int(np.prod(p.shape)), exp.state.params)
+    trained = sum(
+        n for n, lab in zip(jax.tree.leaves(sizes), jax.tree.leaves(exp.labels)) if lab == TRAINED
+    )
+    frozen = sum(jax.tree.leaves(sizes)) - trained
+    tokens = exp.tokens_per_example * exp.cfg.data.batch_size
+    return metrics_lib.train_flops_per_step(trained, frozen, tokens)
+
+
+def save_checkpoint(exp: Experiment, step: int) -> None:
+    stats = {name: s for name, s in zip(exp.dataset_names, exp.statistics, strict=True)}
+    exp.checkpointer.save(
+        step,
+        exp.state,
+        data_state=exp.data_iter.get_state(),
+        config=exp.cfg.to_dict(),
+        dataset_statistics=stats,
+        metadata={
+            "tokenizer": os.path.abspath(exp.tokenizer_path),
+            "datasets": exp.dataset_names,
+            "model_preset": exp.cfg.model.preset,
+        },
+    )
+
+
+def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]]:
+    """Trains from `exp.start_step` to `config.train.num_steps` (or `stop_after` steps).
+
+    Returns the metrics of every step (host floats). Saves a checkpoint every
+    `checkpoint_every` steps, at the end, and when SIGTERM arrives (then returns early).
+    """
+    cfg = exp.cfg
+    end = cfg.train.num_steps if stop_after is None else min(cfg.train.num_steps, stop_after)
+    peak = cfg.train.peak_flops
+    if not peak and jax.default_backend() == "cpu":
+        peak = metrics_lib.measure_matmul_peak_flops() / max(1, len(jax.devices()))
+    flops = _flops_per_step(exp)
+    writer = metrics_lib.MetricsWriter(
+        exp.workdir,
+        total_steps=cfg.train.num_steps,
+        initial_step=exp.start_step,
+        progress=cfg.train.progress,
+    )
+    history: list[dict[str, float]] = []
+    step = exp.start_step
+    last_time = time.perf_counter()
+    with (
+        PreemptionHandler(install=True) as preemption,
+        sharding_lib.sharding_context(exp.mesh, exp.rules),
+    ):
+        while step < end:
+            batch = sharding_lib.shard_batch(next(exp.data_iter), exp.mesh, exp.rules)
+            exp.state, metrics = exp.train_step(exp.state, batch)
+            step += 1
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            history.append(host)
+            if step % cfg.train.log_every == 0 or step == end:
+                now = time.perf_counter()
+                seconds_per_step = (now - last_time) / cfg.train.log_every
+                last_time = now
+                host["tokens_per_s"] = (
+                    exp.tokens_per_example * cfg.data.batch_size / seconds_per_step
+                )
+                if peak:
+                    host["mfu"] = metrics_lib.mfu(
+                        flops, seconds_per_step, peak * len(jax.devices())
+                    )
+                writer.write_scalars(step, host)
+            stop = preemption.should_stop(step)
+            if step % cfg.train.checkpoint_every == 0 or step == end or stop:
+                save_checkpoint(exp, step)
+            if stop:
+                break
+    exp.checkpointer.wait_until_finished()
+    writer.close()
+    exp.start_step = step
+    return history
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
+    """Sets up (resuming if `workdir` has checkpoints) and trains; returns per-step metrics."""
+    mesh_lib.maybe_initialize_distributed()
+    exp = setup(cfg, workdir)
+    try:
+        return run(exp)
+    finally:
+        exp.checkpointer.close()
