@@ -105,12 +105,7 @@ class Policy:
         self._transform = SampleTransform(
             self.data_cfg, [self.statistics], Tokenizer(tokenizer_path)
         )
-        model = self.model
-
-        def predict(params, obs):
-            return model.apply({"params": params}, obs, method=PixelVLA.predict_actions)
-
-        self._predict = jax.jit(predict)
+        self._predict = _jitted_predict(self.model)
 
     # ------------------------------------------------------------------ construction
 
@@ -301,6 +296,23 @@ class Policy:
         normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs))
         normed = np.asarray(jax.device_get(normed), np.float32)
         return unnormalize_actions(normed, self.statistics)
+
+
+_PREDICT_CACHE: dict[Any, Any] = {}
+
+
+def _jitted_predict(model: Any):
+    """One jitted predict_actions per model definition (policies of one run share compiles)."""
+    from pixelvla_jax.models.pixelvla import PixelVLA
+
+    key = (model.config, jnp.dtype(model.dtype).name)
+    if key not in _PREDICT_CACHE:
+
+        def predict(params, obs):
+            return model.apply({"params": params}, obs, method=PixelVLA.predict_actions)
+
+        _PREDICT_CACHE[key] = jax.jit(predict)
+    return _PREDICT_CACHE[key]
 
 
 def unnormalize_actions(normed: np.ndarray, statistics: Mapping) -> np.ndarray:
