@@ -193,6 +193,12 @@ def test_oracle_run_exact_masks_and_output_loads(tmp_path):
         px0, py0, px1, py1 = r["proposal"]
         assert px0 <= cx < px1 and py0 <= cy < py1
         assert r["object_name"] == t["object_name"]
+        # Visual prompts from the data pipeline's sampler lie on the mask / are its box.
+        h, w = t["masks"][0].shape
+        for x, y, _ in r["visual_prompts"]["points"][:1] + r["visual_prompts"]["line"]:
+            assert t["masks"][0][int(y * h), int(x * w)]
+        (bx0, by0, _), (bx1, by1, _) = r["visual_prompts"]["box"]
+        assert (bx0 * w, by0 * h, bx1 * w, by1 * h) == pytest.approx(t["box"], abs=1e-3)
         assert r["close_step"] == len(t["masks"]) // 2
     # The output dataset loads in the training pipeline with the exact first-frame masks.
     ds = StepDataset(tmp_path / "out" / "synthetic_bridge", action_chunk=2)

@@ -81,13 +81,15 @@ def _upsample(torch, logits, hw):
 class HFVideoSegmenter:
     """SAM 2 video (`Sam2VideoModel`): one object prompted on frame 0, propagated forward."""
 
-    def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0):
+    def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0, model=None):
         tr = _transformers()
         self.torch = _torch()
         self.mask_threshold = mask_threshold
-        self.model = tr.Sam2VideoModel.from_pretrained(
-            _check_dir(path, "video segmenter"), local_files_only=True
-        ).eval()
+        if model is None:  # `model`: an already built Sam2VideoModel (benchmarks)
+            model = tr.Sam2VideoModel.from_pretrained(
+                _check_dir(path, "video segmenter"), local_files_only=True
+            )
+        self.model = model.eval()
         self.model.to(device)
         self.device = device
         cfg = _preprocessor(path)
@@ -139,13 +141,13 @@ class HFVideoSegmenter:
 class HFDetector:
     """Grounding DINO (`GroundingDinoForObjectDetection`) with its tokenizer."""
 
-    def __init__(self, path: str, device: str = "cpu", max_detections: int = 10):
+    def __init__(self, path: str, device: str = "cpu", max_detections: int = 10, model=None):
         tr = _transformers()
         self.torch = _torch()
         path = _check_dir(path, "detector")
-        self.model = tr.GroundingDinoForObjectDetection.from_pretrained(
-            path, local_files_only=True
-        ).eval()
+        if model is None:
+            model = tr.GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True)
+        self.model = model.eval()
         self.model.to(device)
         self.tokenizer = tr.AutoTokenizer.from_pretrained(path, local_files_only=True)
         cfg = _preprocessor(path)
@@ -200,12 +202,15 @@ class HFDetector:
 class HFSegmenter:
     """SAM (`SamModel`) prompted with one box; multimask output, scores = predicted IoU."""
 
-    def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0):
+    def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0, model=None):
         tr = _transformers()
         self.torch = _torch()
         self.mask_threshold = mask_threshold
-        path = _check_dir(path, "segmenter")
-        self.model = tr.SamModel.from_pretrained(path, local_files_only=True).eval()
+        if model is None:
+            model = tr.SamModel.from_pretrained(
+                _check_dir(path, "segmenter"), local_files_only=True
+            )
+        self.model = model.eval()
         self.model.to(device)
         cfg = _preprocessor(path)
         size = cfg.get("size", {})
@@ -265,11 +270,14 @@ class HFNounExtractor:
         max_new_tokens: int = 8,
         prompt: str = FEW_SHOT,
         require_in_instruction: bool = True,
+        model=None,
     ):
         tr = _transformers()
         self.torch = _torch()
         path = _check_dir(path, "noun LLM")
-        self.model = tr.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        if model is None:
+            model = tr.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        self.model = model.eval()
         self.model.to(device)
         self.tokenizer = tr.AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.device, self.max_new_tokens, self.prompt = device, max_new_tokens, prompt

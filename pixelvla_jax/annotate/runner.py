@@ -359,6 +359,26 @@ def summarize(results: Sequence[EpisodeResult]) -> dict:
     }
 
 
+def visual_prompts(mask: np.ndarray, seed: int) -> dict:
+    """One point / line / box prompt of the mask, sampled with the data pipeline's own
+    `data.prompts.sample_visual_prompt` (seeded): {kind: [[x, y, type], ...]} in [0, 1]."""
+    from pixelvla_jax.data.prompts import PromptConfig, sample_visual_prompt
+    from pixelvla_jax.models.observation import PROMPT_PAD
+
+    out = {}
+    for k, kind in enumerate(("points", "line", "box")):
+        probs = tuple(float(j == k) for j in range(5))
+        prompt = sample_visual_prompt(
+            mask, np.random.default_rng([seed, k]), PromptConfig(kind_probs=probs)
+        )
+        valid = prompt["prompt_types"] != PROMPT_PAD
+        out[kind] = [
+            [round(float(x), 5), round(float(y), 5), int(t)]
+            for (x, y), t in zip(prompt["prompt_points"][valid], prompt["prompt_types"][valid])
+        ]
+    return out
+
+
 def _plain(value: Any) -> Any:
     """Lazy TFDS sequences/dicts -> plain lists/dicts the writer can encode again."""
     if isinstance(value, dict):
@@ -409,10 +429,19 @@ def merge_outputs(
                 if not (r.kept or cfg.keep_filtered):
                     continue
                 episode = _plain(source.episodes[i])
-                first = rlds.get_feature(
-                    episode["steps"][0], spec.image_key, dataset=spec.name, episode=i, step=0
-                )
-                hw = ann.encoded_image_size(rlds.as_bytes(first))
+                if episode["steps"]:
+                    first = rlds.get_feature(
+                        episode["steps"][0], spec.image_key, dataset=spec.name, episode=i, step=0
+                    )
+                    hw = ann.encoded_image_size(rlds.as_bytes(first))
+                else:  # empty episodes are skipped by the step index; any mask will do
+                    hw = (1, 1)
+                if r.kept and r.mask.shape != hw:
+                    raise ValueError(
+                        f"episode {i} ({r.episode_id}): the mask is {r.mask.shape} (from camera "
+                        f"{cfg.camera_key!r}) but the training image {spec.image_key!r} is {hw}; "
+                        "annotate the camera the policy is trained on"
+                    )
                 mask = r.mask if r.kept else np.zeros(hw, np.uint8)
                 meta = dict(episode.get("episode_metadata", {}))
                 meta.update(
@@ -440,6 +469,8 @@ def merge_outputs(
         d = dataclasses.asdict(results[i])
         d.pop("mask")
         d["kept"] = results[i].kept
+        if results[i].kept:
+            d["visual_prompts"] = visual_prompts(results[i].mask, seed=i)
         lines.append(json.dumps(d, sort_keys=True))
     _atomic_write_bytes(os.path.join(out_dir, REPORT_FILE), ("\n".join(lines) + "\n").encode())
     _atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), {**summary, "dataset_dir": final})
