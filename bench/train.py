@@ -1,6 +1,6 @@
 """Train-step throughput and MFU of a mid-size PixelVLA on this CPU (fp32).
 
-    python bench/train.py [--batch_size=2] [--image_size=112] [--steps=4]
+    python bench/train.py [--batch_size=2] [--image_size=112] [--steps=3]
 
 The model is the tiny preset scaled to ~150M parameters: DINOv2-style tower 384 wide x 6,
 SigLIP-style tower 512 wide x 6, projector into a Llama of width 768 x 8 layers (12 heads,
@@ -21,7 +21,8 @@ printed beside it: it charges every parameter once per LLM token, so it overcoun
 (the unused lm_head, the embedding lookup, vision weights that see N_v patches, not the
 LLM sequence). On a shared machine the numbers are indicative only.
 
-Ends with one `BENCH {...}` JSON line. Runs in about 2-4 minutes on 2 CPU cores.
+Ends with one `BENCH {...}` JSON line. About 2.5 CPU-minutes (~2 min on 2 idle cores; 6-7
+min wall when the cores are shared with several other jobs).
 """
 
 from __future__ import annotations
