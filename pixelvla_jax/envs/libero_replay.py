@@ -1,7 +1,7 @@
 """LIBERO demonstrations -> RLDS ArrayRecord dataset with per-step target-object masks.
 
     python -m pixelvla_jax.envs.libero_replay \
-        --hdf5=/data/libero/libero_spatial --out=/data/rlds --name=libero_spatial_no_noops_pixel
+        --hdf5=/data/libero/libero_spatial --out=/data/rlds_pixel --name=libero_spatial_no_noops
 
 Replays every demo of the original LIBERO HDF5 files (`data/demo_<i>/{actions, states}` with
 `data.attrs["problem_info"]` / `["bddl_file_name"]`) in the simulator at 256x256, as OpenVLA's
@@ -15,8 +15,9 @@ The dataset has the feature layout of `modified_libero_rlds` (`observation/image
 `wrist_image` 256x256 JPEG rotated 180 deg, `state` [8] = eef pos + axis-angle + gripper qpos,
 `joint_state` [7], `action` [7] in LIBERO's convention, language, flags) plus the pixel
 annotations of `data/annotations.py` (`episode_metadata/target_mask` = first frame,
-`observation/target_mask` per step). Register it like the other LIBERO datasets
-(`data/registry.py`, format "libero") and train on it with the usual pipeline.
+`observation/target_mask` per step). Named like OpenVLA's datasets (libero_<suite>_no_noops)
+it is picked up by the registry as is (point `data.data_dir` at `--out`); another name needs
+`registry.register_spec(registry.spec_for_format("libero", name))`.
 """
 
 from __future__ import annotations
@@ -277,10 +278,10 @@ if __name__ == "__main__":
         "hdf5", None, "LIBERO demo files: paths, globs or directories (comma list)."
     )
     flags.DEFINE_string("out", None, "TFDS data dir the dataset is written into.")
-    flags.DEFINE_string("name", "libero_no_noops_pixel", "Dataset (TFDS / registry) name.")
+    flags.DEFINE_string("name", None, "Dataset name, e.g. libero_spatial_no_noops.")
     flags.DEFINE_string("bddl", "", "BDDL file of the task (default: from the HDF5 attributes).")
     flags.DEFINE_bool("keep_failed", False, "Keep demos whose replay does not succeed.")
     flags.DEFINE_bool("keep_noops", False, "Keep no-op actions.")
     flags.DEFINE_integer("max_demos", 0, "Replay at most this many demos per file (0: all).")
-    flags.mark_flags_as_required(["hdf5", "out"])
+    flags.mark_flags_as_required(["hdf5", "out", "name"])
     app.run(main)
