@@ -44,12 +44,18 @@ def _flat(params):
 
 def test_tiny_config_trains_and_loss_falls(data_dir, tmp_path):
     cfg = _tiny_config(data_dir, train__num_steps=40, optim__total_steps=40, optim__lr=2e-3)
+    cfg.train.holdout_every = 3  # episodes 2 and 5 of 6 are validation episodes
+    cfg.train.eval_every = 20
+    cfg.train.eval_batches = 1
     history = experiment.train(cfg, str(tmp_path / "run"))
     losses = np.array([h["loss"] for h in history])
     assert len(losses) == 40 and np.isfinite(losses).all()
     assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
     # Metrics a user reads: per-dimension L1, grad norm, learning rate.
-    assert {"l1/0", "l1/6", "grad_norm", "learning_rate"} <= set(history[-1])
+    assert {"l1_per_dim/0", "l1_per_dim/6", "grad_norm", "learning_rate"} <= set(history[-1])
+    # Validation loss on held-out episodes, at steps 20 and 40.
+    val = [h["val/loss"] for h in history if "val/loss" in h]
+    assert len(val) == 2 and np.isfinite(val).all()
     # The checkpoint carries everything needed to act.
     ckpt_dir = tmp_path / "run" / "checkpoints" / "40"
     for item in ("state", "config", "dataset_statistics", "metadata", "data_state"):
@@ -138,6 +144,30 @@ def test_stage1_then_stage2_changes_only_trained_params(data_dir, tmp_path):
         "lora_" in k or k.split("/")[0] in trained_groups | {"action_slots"} for k in changed
     )
 
+    # Inference export: LoRA merged into the kernels gives the same actions.
+    from pixelvla_jax import export
+    from pixelvla_jax.models.observation import Observation
+    from pixelvla_jax.models.pixelvla import PixelVLA
+
+    obs = Observation.fake(2, image_size=56, max_tokens=48, vocab_size=512)
+    run = export.load_run(str(tmp_path / "stage2"))
+    assert run.step == 3 and "synthetic_libero" in run.statistics
+    expected = PixelVLA(run.model_config).apply(
+        {"params": run.params}, obs, method=PixelVLA.predict_actions
+    )
+    for dtype, atol in (("float32", 1e-5), ("bfloat16", 0.1)):
+        out = tmp_path / f"export_{dtype}"
+        export.export_inference(str(tmp_path / "stage2"), str(out), dtype=dtype)
+        loaded = export.load_inference(str(out))
+        assert not loaded.model_config.llama.lora_rules
+        assert not any("lora_" in k for k in _flat(loaded.params))
+        got = PixelVLA(loaded.model_config).apply(
+            {"params": jax.tree.map(lambda x: x.astype("float32"), loaded.params)},
+            obs,
+            method=PixelVLA.predict_actions,
+        )
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=atol, rtol=0)
+
 
 def test_misspelt_config_key_fails_before_anything_is_built(data_dir, tmp_path):
     cfg = _tiny_config(data_dir)
@@ -155,6 +185,28 @@ def test_missing_dataset_names_directory_and_command(tmp_path):
     cfg.data_generator.kind = ""
     with pytest.raises(FileNotFoundError, match="synthetic_libero.*pixelvla_jax.data.convert"):
         experiment.setup(cfg, str(tmp_path / "run"))
+
+
+def test_episode_holdout_is_disjoint_and_complete():
+    from pixelvla_jax.data.splits import EpisodeSubset
+
+    class Source:
+        dataset_name = "toy"
+
+        class index:  # noqa: N801
+            step_episode = np.repeat(np.arange(7), 3)
+
+        def __getitem__(self, i):
+            return int(i)
+
+    train = EpisodeSubset(Source(), 3, held_out=False)
+    val = EpisodeSubset(Source(), 3, held_out=True)
+    assert sorted(
+        [train[i] for i in range(len(train))] + [val[i] for i in range(len(val))]
+    ) == list(range(21))
+    assert {Source.index.step_episode[val[i]] for i in range(len(val))} == {2, 5}
+    with pytest.raises(ValueError, match="holdout_every"):
+        EpisodeSubset(Source(), 50, held_out=True)
 
 
 def test_stage_needs_lora(data_dir):

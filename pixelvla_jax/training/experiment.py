@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_period = 0  # also keep every K-th step (0: off)
     c.train.async_checkpoint = True
     c.train.peak_flops = 0.0  # per device, for MFU; 0 -> measured on CPU, unknown elsewhere
+    c.train.holdout_every = 0  # hold out every k-th episode for validation (0: no validation)
+    c.train.eval_every = 500  # validation loss every this many steps (and at the end)
+    c.train.eval_batches = 4  # the same batches of held-out episodes each time
     c.train.progress = True
     return c
 
@@ -312,6 +315,8 @@ class Experiment:
     checkpointer: checkpoint_lib.Checkpointer
     start_step: int
     tokens_per_example: int
+    val_dataset: Any = None
+    eval_step: Any = None
 
 
 def batch_to_observation(batch: Mapping[str, Any]) -> Observation:
@@ -401,6 +406,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
     tokenizer_path = resolve_tokenizer(cfg, workdir)
     dcfg = data_config(cfg, tokenizer_path)
     sources, statistics = pipeline_lib.build_sources(dcfg)
+    val_dataset = None
+    if cfg.train.holdout_every:
+        from pixelvla_jax.data.splits import EpisodeSubset
+
+        every = cfg.train.holdout_every
+        val_sources = [EpisodeSubset(s, every, held_out=True) for s in sources]
+        sources = [EpisodeSubset(s, every, held_out=False) for s in sources]
+        val_cfg = dataclasses.replace(dcfg, augment=False, seed=dcfg.seed + 1)
+        val_dataset = pipeline_lib.make_dataset(val_cfg, val_sources, statistics)
     dataset = pipeline_lib.make_dataset(dcfg, sources, statistics)
 
     model = PixelVLA(model_cfg, dtype=compute_dtype(cfg))
@@ -448,8 +462,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
             params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, abstract_state.params)
             state = state.replace(params=jax.device_put(params, shardings.params))
 
+    loss_fn = make_loss_fn(model)
+    eval_step = jax.jit(lambda params, batch: loss_fn(params, batch, None)[1])
     train_step = make_train_step(
-        make_loss_fn(model),
+        loss_fn,
         tx,
         shardings,
         labels=labels,
@@ -477,6 +493,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
         checkpointer=checkpointer,
         start_step=start_step,
         tokens_per_example=tokens,
+        val_dataset=val_dataset,
+        eval_step=eval_step,
     )
 
 
@@ -488,6 +506,20 @@ def _flops_per_step(exp: Experiment) -> float:
     frozen = sum(jax.tree.leaves(sizes)) - trained
     tokens = exp.tokens_per_example * exp.cfg.data.batch_size
     return metrics_lib.train_flops_per_step(trained, frozen, tokens)
+
+
+def validation_metrics(exp: Experiment) -> dict[str, float]:
+    """Mean metrics over the first `eval_batches` batches of the held-out episodes."""
+    if exp.val_dataset is None:
+        return {}
+    totals: dict[str, float] = {}
+    it = iter(exp.val_dataset)  # a fresh iterator: the same batches every time
+    n = exp.cfg.train.eval_batches
+    for _ in range(n):
+        batch = sharding_lib.shard_batch(next(it), exp.mesh, exp.rules)
+        for key, value in jax.device_get(exp.eval_step(exp.state.params, batch)).items():
+            totals[key] = totals.get(key, 0.0) + float(value) / n
+    return {f"val/{k}": v for k, v in totals.items()}
 
 
 def save_checkpoint(exp: Experiment, step: int) -> None:
@@ -537,6 +569,8 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
             step += 1
             host = {k: float(v) for k, v in jax.device_get(metrics).items()}
             history.append(host)
+            if exp.val_dataset is not None and (step % cfg.train.eval_every == 0 or step == end):
+                host.update(validation_metrics(exp))
             if step % cfg.train.log_every == 0 or step == end:
                 now = time.perf_counter()
                 seconds_per_step = (now - last_time) / cfg.train.log_every
