@@ -108,7 +108,7 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
     assert sample["instruction"] in (first["instruction"], first["instruction"].encode())
     np.testing.assert_array_equal(image_lib.decode_mask(sample["pixel_mask"]), first["target_mask"])
     frame = image_lib.decode_image(sample["image"])
-    assert frame.shape == (64, 64, 3)
+    assert frame.shape == (56, 56, 3)
     assert np.abs(frame.astype(int) - first["frames"][0]).mean() < 4  # JPEG
     # LIBERO gripper (-1 open) -> standardised 1 = open; translation deltas kept.
     np.testing.assert_allclose(sample["action_chunk"][0, :2], first["actions"][0, :2], atol=1e-6)

@@ -55,29 +55,32 @@ GRIPPER_COLOUR = (25, 25, 25)
 class PixelRefConfig:
     """Scene, dynamics and expert parameters (workspace units unless stated)."""
 
-    image_size: int = 64  # rendered frame side, px
+    image_size: int = 56  # rendered frame side, px (the tiny model's input size)
+    grid: int = 4  # objects and the gripper start on cells of a grid x grid layout
     min_objects: int = 3
     max_objects: int = 6
     max_lookalikes: int = 2  # look-alikes of the target besides it (>= 1 always)
     colours: tuple[str, ...] = tuple(COLOURS)
     shapes: tuple[str, ...] = SHAPES
     object_radius: float = 0.075
-    min_spacing: float = 0.24  # between object centres
-    margin: float = 0.12  # object centres stay this far from the border
-    gripper_clearance: float = 0.18  # start: gripper this far from every object
     gripper_size: float = 0.06  # half side of the drawn gripper
-    max_step: float = 0.1  # per axis and step
-    grasp_radius: float = 0.08
+    max_step: float = 0.25  # per axis and step (one grid cell)
+    grasp_radius: float = 0.12  # < half a cell: at most one object in reach
     close_distance: float = 0.03  # the expert closes within this distance
     expert_noise: float = 0.01  # std of the expert's translation noise
     max_steps: int = 32
-    hold_steps: int = 2  # dataset: closed-gripper steps recorded after the grasp
+    hold_steps: int = 1  # dataset: closed-gripper steps recorded after the grasp
 
     def __post_init__(self):
         if not 1 <= self.max_lookalikes <= self.max_objects - 1:
             raise ValueError(
                 f"PixelRefConfig: max_lookalikes={self.max_lookalikes} must be in "
                 f"[1, max_objects - 1 = {self.max_objects - 1}]."
+            )
+        if self.max_objects + 1 > self.grid * self.grid:
+            raise ValueError(
+                f"PixelRefConfig: {self.max_objects} objects + the gripper do not fit a "
+                f"{self.grid} x {self.grid} grid."
             )
         if self.min_objects < 2 or self.min_objects > self.max_objects:
             raise ValueError(
@@ -143,7 +146,12 @@ def gripper_mask(x: float, y: float, closed: bool, size: int, half: float) -> np
 def sample_scene(
     rng: np.random.Generator, cfg: PixelRefConfig
 ) -> tuple[list[SceneObject], int, tuple[float, float]]:
-    """(objects, target index, gripper start) with >= 1 look-alike of the target."""
+    """(objects, target index, gripper start) with >= 1 look-alike of the target.
+
+    Objects and the gripper start on distinct cells of a `grid` x `grid` layout (cell
+    centres), so that with the default sizes every object and the gripper fall inside one
+    ViT patch of the tiny model.
+    """
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     n_look = int(rng.integers(1, min(cfg.max_lookalikes, n - 1) + 1))
     colour = cfg.colours[int(rng.integers(len(cfg.colours)))]
@@ -152,32 +160,12 @@ def sample_scene(
     others = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) != (colour, shape)]
     for _ in range(n - len(kinds)):
         kinds.append(others[int(rng.integers(len(others)))])
-    for _attempt in range(1000):
-        centres = []
-        while len(centres) < n:
-            for _try in range(200):
-                p = rng.uniform(cfg.margin, 1.0 - cfg.margin, 2)
-                if all(np.hypot(*(p - q)) >= cfg.min_spacing for q in centres):
-                    centres.append(p)
-                    break
-            else:
-                break
-        if len(centres) < n:
-            continue
-        for _try in range(200):
-            g = rng.uniform(0.08, 0.92, 2)
-            if all(np.hypot(*(g - q)) >= cfg.gripper_clearance for q in centres):
-                break
-        else:
-            continue
-        order = rng.permutation(n)
-        objects = [SceneObject(*kinds[k], *map(float, centres[i])) for i, k in enumerate(order)]
-        target = int(np.flatnonzero(order == 0)[0])
-        return objects, target, (float(g[0]), float(g[1]))
-    raise RuntimeError(
-        f"PixelRef: could not place {n} objects {cfg.min_spacing} apart; lower min_spacing or "
-        "max_objects."
-    )
+    cells = rng.permutation(cfg.grid * cfg.grid)[: n + 1]
+    centre = lambda cell: ((cell % cfg.grid + 0.5) / cfg.grid, (cell // cfg.grid + 0.5) / cfg.grid)  # noqa: E731
+    order = rng.permutation(n)
+    objects = [SceneObject(*kinds[k], *centre(cells[i])) for i, k in enumerate(order)]
+    target = int(np.flatnonzero(order == 0)[0])
+    return objects, target, centre(cells[n])
 
 
 class PixelRefEnv:
