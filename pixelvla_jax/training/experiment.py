@@ -39,7 +39,7 @@ from pixelvla_jax.training import mesh as mesh_lib
 from pixelvla_jax.training import metrics as metrics_lib
 from pixelvla_jax.training import optimizer as optimizer_lib
 from pixelvla_jax.training import sharding as sharding_lib
-from pixelvla_jax.training.policy import FROZEN, TRAINED
+from pixelvla_jax.training.policy import FROZEN, TRAINED, path_str
 from pixelvla_jax.training.preemption import PreemptionHandler
 from pixelvla_jax.training.train_state import abstract_train_state, make_train_step
 
@@ -196,6 +196,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
         use_pixel_encoder=m.use_pixel_encoder and cfg.stage != "cat",
         use_prompt_encoder=m.use_prompt_encoder and cfg.stage != "cat",
         vision_remat=m.remat,
+        vision_scan_layers=m.scan_layers,
         max_text_tokens=cfg.data.max_tokens,
         max_prompt_points=cfg.data.prompt_cfg.max_points,
     )
@@ -499,13 +500,60 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
 
 
 def _flops_per_step(exp: Experiment) -> float:
-    sizes = jax.tree.map(lambda p: int(np.prod(p.shape)), exp.state.params)
-    trained = sum(
-        n for n, lab in zip(jax.tree.leaves(sizes), jax.tree.leaves(exp.labels)) if lab == TRAINED
+    """Model FLOPs of one train step, counted per component.
+
+    Matmul weights cost 2 FLOPs per token forward; backward costs 2 more per token for the
+    activation gradients wherever a trained parameter lies at or before that component,
+    plus 2 for the weight gradients of trained weights. The LLM body sees every token, the
+    vision towers and projector see the image patches, embeddings and the (unused) lm_head
+    cost nothing; the small encoders and the head see their own few tokens.
+    """
+    sizes = {
+        path_str(p): (int(np.prod(x.shape)), lab)
+        for (p, x), lab in zip(
+            jax.tree_util.tree_flatten_with_path(exp.state.params)[0],
+            jax.tree.leaves(exp.labels),
+            strict=True,
+        )
+    }
+
+    def group(prefix: str) -> tuple[int, int]:
+        items = [v for k, v in sizes.items() if k.startswith(prefix)]
+        return sum(n for n, _ in items), sum(n for n, lab in items if lab == TRAINED)
+
+    mcfg = exp.model_cfg
+    llm_tokens = exp.tokens_per_example
+    llm_all, llm_trained = group("llm/layers")
+    vis_all, vis_trained = group("vision/")
+    proj_all, proj_trained = group("projector/")
+    rest_all = sum(
+        n for k, (n, _) in sizes.items() if not k.startswith(("llm/", "vision/", "projector/"))
     )
-    frozen = sum(jax.tree.leaves(sizes)) - trained
-    tokens = exp.tokens_per_example * exp.cfg.data.batch_size
-    return metrics_lib.train_flops_per_step(trained, frozen, tokens)
+    rest_trained = sum(
+        n
+        for k, (n, lab) in sizes.items()
+        if lab == TRAINED and not k.startswith(("llm/", "vision/", "projector/"))
+    )
+    encoders_trained = any(
+        lab == TRAINED and k.startswith(("pixel_encoder/", "prompt_encoder/"))
+        for k, (_, lab) in sizes.items()
+    )
+    # (weights, tokens, trained weights, whether activation gradients flow through it)
+    parts = [
+        (vis_all, mcfg.vision.num_patches, vis_trained, vis_trained > 0),
+        (proj_all, mcfg.vision.num_patches, proj_trained, vis_trained + proj_trained > 0),
+        (
+            llm_all,
+            llm_tokens,
+            llm_trained,
+            vis_trained + proj_trained + llm_trained > 0 or encoders_trained,
+        ),
+        (rest_all, mcfg.num_action_slots, rest_trained, True),
+    ]
+    per_example = sum(
+        2.0 * n * t + (2.0 * n * t if grads else 0.0) + 2.0 * nt * t for n, t, nt, grads in parts
+    )
+    return per_example * exp.cfg.data.batch_size
 
 
 def validation_metrics(exp: Experiment) -> dict[str, float]:
