@@ -9,7 +9,7 @@ only the L1 action decoder (and its action-slot embeddings) is trained. Stage 2 
 configs/pixel160k.py, started from this run's checkpoint.
 """
 
-from pixelvla_jax.training.experiment import base_config
+from pixelvla_jax.training.experiment import base_config, use_openvla_7b, use_tiny
 
 
 def get_config(variant: str = "full"):
@@ -18,38 +18,19 @@ def get_config(variant: str = "full"):
     c.model.chunk_size = 5  # Bridge's N_c in the paper's setup
     c.data.action_chunk = 5
     if variant == "tiny":
-        c.model.preset = "tiny"
-        c.data.datasets = [("synthetic_libero", 1.0)]
-        c.data.image_size = 56
-        c.data.batch_size = 8
-        c.data.num_threads = 2
-        c.data_generator.kind = "synthetic_libero"
-        c.train.num_steps = 40
-        c.train.checkpoint_every = 20
-        c.optim.total_steps = 40
-        c.optim.lr = 1e-3
-        return c
+        return use_tiny(c, num_steps=40)
     if variant != "full":
         raise ValueError(
             f"configs/bridge_fractal.py: unknown variant {variant!r}; use full or tiny"
         )
-    c.model.preset = "openvla_7b"
-    c.model.dtype = "bfloat16"
-    c.model.frozen_dtype = "bfloat16"
-    c.model.remat = True
-    c.model.scan_layers = True
+    use_openvla_7b(c)
     c.data.datasets = [("fractal20220817_data", 1.0), ("bridge_orig", 1.0)]
     c.data.balance_by_size = True
     c.data.batch_size = 256
-    c.data.worker_count = 8
-    c.data.num_threads = 16
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 1000
     c.optim.total_steps = 100_000
     c.train.num_steps = 100_000
-    c.train.log_every = 50
     c.train.checkpoint_every = 5_000
     c.train.keep_period = 20_000
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
     return c

@@ -9,7 +9,7 @@ Variants: spatial, object, goal, 10, all (the four suites mixed, balanced by siz
 (a tiny model on a generated LIBERO-format dataset; runs on a laptop CPU in a minute).
 """
 
-from pixelvla_jax.training.experiment import base_config
+from pixelvla_jax.training.experiment import base_config, use_openvla_7b, use_tiny
 
 SUITES = {
     "spatial": ["libero_spatial_no_noops"],
@@ -28,46 +28,25 @@ SUITES = {
 def get_config(variant: str = "spatial"):
     c = base_config()
     if variant == "tiny":
-        c.stage = "finetune"
-        c.model.preset = "tiny"
-        c.data.datasets = [("synthetic_libero", 1.0)]
-        c.data.data_dir = "data"
-        c.data.image_size = 56
-        c.data.batch_size = 8
-        c.data.num_threads = 2
-        c.data_generator.kind = "synthetic_libero"
-        c.train.num_steps = 60
+        use_tiny(c, num_steps=60)
         c.train.log_every = 10
-        c.train.checkpoint_every = 30
-        c.optim.total_steps = 60
-        c.optim.warmup_steps = 5
-        c.optim.lr = 1e-3
         return c
     if variant not in SUITES:
         raise ValueError(
             f"configs/libero.py: unknown variant {variant!r}; use {sorted(SUITES)} or tiny"
         )
     c.stage = "pue"
-    c.model.preset = "openvla_7b"
-    c.model.dtype = "bfloat16"
-    c.model.frozen_dtype = "bfloat16"
-    c.model.remat = True
-    c.model.scan_layers = True
+    use_openvla_7b(c)
     c.model.lora.rank = 32
     c.model.lora.alpha = 16.0
     c.data.datasets = [(name, 1.0) for name in SUITES[variant]]
     c.data.balance_by_size = variant == "all"
     c.data.batch_size = 64
-    c.data.worker_count = 8
-    c.data.num_threads = 16
     c.optim.lr = 5e-4
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 500
     c.optim.total_steps = 50_000
     c.train.num_steps = 50_000
-    c.train.log_every = 50
     c.train.checkpoint_every = 5_000
     c.train.keep_period = 10_000
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
     return c

@@ -137,6 +137,38 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def use_openvla_7b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Full-size settings the 7B configs share: the OpenVLA-7B preset, bf16 compute and
+    frozen weights, remat + scan over layers, parameters sharded (FSDP) over every chip."""
+    c.model.preset = "openvla_7b"
+    c.model.dtype = "bfloat16"
+    c.model.frozen_dtype = "bfloat16"
+    c.model.remat = True
+    c.model.scan_layers = True
+    c.data.worker_count = 8
+    c.data.num_threads = 16
+    c.train.log_every = 50
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c
+
+
+def use_tiny(c: ml_collections.ConfigDict, num_steps: int) -> ml_collections.ConfigDict:
+    """The tiny model on a generated LIBERO-format dataset: runs on a laptop CPU."""
+    c.model.preset = "tiny"
+    c.data.datasets = [("synthetic_libero", 1.0)]
+    c.data.image_size = 56
+    c.data.batch_size = 8
+    c.data.num_threads = 2
+    c.data_generator.kind = "synthetic_libero"
+    c.train.num_steps = num_steps
+    c.train.checkpoint_every = max(1, num_steps // 2)
+    c.optim.total_steps = num_steps
+    c.optim.warmup_steps = min(5, num_steps - 1)
+    c.optim.lr = 1e-3
+    return c
+
+
 def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
     if not isinstance(reference, ml_collections.ConfigDict):
         return
