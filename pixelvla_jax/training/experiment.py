@@ -352,6 +352,13 @@ class Experiment:
     eval_step: Any = None
 
 
+def sequence_length(cfg: ml_collections.ConfigDict, model_cfg: PixelVLAConfig) -> int:
+    """LLM tokens per example: prefix (BOS, vision, pixel/prompt tokens, text) + suffix
+    (the L1 head's action slots, or the discrete head's 7 action tokens + EOS)."""
+    suffix = model_cfg.num_action_slots if cfg.model.head == "l1" else model_cfg.action_dim + 1
+    return model_cfg.prefix_length(cfg.data.max_tokens) + suffix
+
+
 def batch_to_observation(batch: Mapping[str, Any]) -> Observation:
     return Observation(**{k: batch[k] for k in OBS_KEYS})
 
@@ -505,9 +512,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
         learning_rate_fn=optimizer_lib.learning_rate_fn(optim),
         grad_accum_steps=int(cfg.optim.grad_accum_steps),
     )
-    tokens = model_cfg.prefix_length(cfg.data.max_tokens) + (
-        model_cfg.num_action_slots if cfg.model.head == "l1" else model_cfg.action_dim + 1
-    )
+    tokens = sequence_length(cfg, model_cfg)
     return Experiment(
         cfg=cfg,
         workdir=workdir,

@@ -141,8 +141,7 @@ def abstract_step(
         batch_sharding=sharding_lib.batch_sharding(mesh, rules),
         donate=donate,
     )
-    suffix = model_cfg.num_action_slots if cfg.model.head == "l1" else model_cfg.action_dim + 1
-    tokens = model_cfg.prefix_length(cfg.data.max_tokens) + suffix
+    tokens = experiment_lib.sequence_length(cfg, model_cfg)
     return AbstractStep(
         cfg=cfg,
         model_cfg=model_cfg,
