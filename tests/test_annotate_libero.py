@@ -13,7 +13,12 @@ import pytest
 
 from pixelvla_jax.annotate import config as C
 from pixelvla_jax.annotate.gripper import mask_iou, mask_to_box
-from pixelvla_jax.annotate.libero_truth import LiberoTruth, kept_indices, split_file_path
+from pixelvla_jax.annotate.libero_truth import (
+    LiberoTruth,
+    gripper_geoms,
+    kept_indices,
+    split_file_path,
+)
 from pixelvla_jax.annotate.oracle import oracle_backends
 from pixelvla_jax.annotate.runner import annotate_dataset
 from pixelvla_jax.data import annotations as ann
@@ -26,16 +31,37 @@ SUITE, TASK = "libero_spatial", 0
 NAME = "libero_spatial_no_noops"  # registered: the LIBERO spec applies as is
 TARGET = "akita_black_bowl_1"
 MOVE_STEPS, CLOSE_STEPS = 20, 2
+MJ_OBJ_GEOM = 5  # mujoco.mjtObj.mjOBJ_GEOM: segmentation ids of geoms
+
+
+def _gripper_pixels(env):
+    """bool [R, R] of the gripper's geoms in the segmentation render (training view), checked
+    by hiding those geoms: the pixels that change are the mask's (plus a rim of shadow)."""
+    geoms = gripper_geoms(env.env.env)
+    seg = env.segmentation()
+    mask = libero_lib.rotate_180((seg[..., 0] == MJ_OBJ_GEOM) & np.isin(seg[..., 1], geoms))
+    model = env.sim.model
+    rgba = np.array(model.geom_rgba)
+    raw = env.sim.render(width=256, height=256, camera_name=libero_lib.CAMERA)
+    model.geom_rgba[geoms, 3] = 0.0
+    try:
+        hidden = env.sim.render(width=256, height=256, camera_name=libero_lib.CAMERA)
+    finally:
+        model.geom_rgba[:] = rgba
+    changed = libero_lib.rotate_180(np.abs(hidden.astype(int) - raw).sum(-1) > 0)
+    assert mask.sum() > 100 and changed[mask].mean() > 0.95
+    assert (changed & ~mask).sum() < 0.3 * mask.sum()
+    return mask
 
 
 def _scripted_demo(env):
-    """Moves the gripper above the target bowl, then closes it: (actions [T, 7], states
-    [T, D], first-frame target mask). A leading no-op (dropped by the replay) lets the bowl
+    """Moves the gripper to the target bowl, then closes it: (actions [T, 7], states [T, D],
+    first-frame target mask, gripper mask before the first close). A leading no-op (dropped by the replay) lets the bowl
     settle, so the dataset's step 0 is the demo's first state and step t the state before
     action t + 1."""
     obs = env.reset(trial=0, warmup=5)
     first_mask = env.target_mask()
-    actions, states = [], []
+    actions, states, close_mask = [], [], None
     for k in range(1 + MOVE_STEPS + CLOSE_STEPS):
         action = np.zeros(7, np.float32)
         action[6] = -1.0
@@ -44,10 +70,11 @@ def _scripted_demo(env):
             action[:3] = np.clip(delta * 20.0, -1.0, 1.0)
         elif k > MOVE_STEPS:
             action[2], action[6] = -0.3, 1.0  # moving: not a no-op after the first close
+            close_mask = _gripper_pixels(env) if close_mask is None else close_mask
         states.append(env.get_state())
         actions.append(action)
         obs, *_ = env.step(action)
-    return np.stack(actions), np.stack(states), first_mask
+    return np.stack(actions), np.stack(states), first_mask, close_mask
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +83,7 @@ def libero_data(tmp_path_factory):
     task = libero_lib.load_task(SUITE, TASK)
     env = libero_lib.LiberoEnv(task, cameras=(libero_lib.CAMERA,))
     try:
-        actions, states, first_mask = _scripted_demo(env)
+        actions, states, first_mask, close_mask = _scripted_demo(env)
     finally:
         env.close()
     hdf5 = root / "task_demo.hdf5"
@@ -66,7 +93,7 @@ def libero_data(tmp_path_factory):
     )
     assert stats["kept"] == 1 and stats["noops"] == 1
     assert stats["steps"] == MOVE_STEPS + CLOSE_STEPS
-    return root, path, str(hdf5), first_mask
+    return root, path, str(hdf5), first_mask, close_mask
 
 
 def test_kept_indices_match_the_replay_filter():
@@ -82,7 +109,7 @@ def test_kept_indices_match_the_replay_filter():
 
 
 def test_oracle_on_libero_keeps_the_episode_with_the_simulator_mask(libero_data):
-    root, path, hdf5, first_mask = libero_data
+    root, path, hdf5, first_mask, close_mask = libero_data
     out = root / "annotated"
     with LiberoTruth(path) as truth:
         episode_id = f"{hdf5}#demo_0"
@@ -99,10 +126,10 @@ def test_oracle_on_libero_keeps_the_episode_with_the_simulator_mask(libero_data)
         (r,) = report
         assert r["episode_id"] == episode_id and r["kept"] and r["object_name"] == TARGET
         assert r["close_step"] == MOVE_STEPS  # first +1 command after the dropped no-op
-        # The gripper mask at the close step is the gripper, next to the bowl: the proposal
-        # around it contains the target's centre.
+        # The gripper mask at the close step is the gripper's pixels in the recording (same
+        # state), next to the bowl: the proposal around it contains the target's centre.
         gripper = truth.gripper_mask(episode_id, r["close_step"])
-        assert gripper.sum() > 100
+        assert mask_iou(gripper, close_mask) >= 0.99
         x0, y0, x1, y1 = r["proposal"]
         cx, cy = truth.target_centre(episode_id)
         assert x0 <= cx < x1 and y0 <= cy < y1
