@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from test_libero import _write_libero_hdf5  # tests/ is on sys.path (pytest rootdir)
 
 from pixelvla_jax.annotate import config as C
 from pixelvla_jax.annotate.gripper import mask_iou, mask_to_box
@@ -25,7 +26,6 @@ from pixelvla_jax.data import annotations as ann
 from pixelvla_jax.data.step_index import StepDataset
 from pixelvla_jax.envs import libero as libero_lib
 from pixelvla_jax.envs import libero_replay
-from tests.test_libero import _write_libero_hdf5
 
 SUITE, TASK = "libero_spatial", 0
 NAME = "libero_spatial_no_noops"  # registered: the LIBERO spec applies as is
