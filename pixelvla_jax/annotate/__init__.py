@@ -5,7 +5,8 @@
 
 Modules: `config` (every threshold), `gripper` (close events, boxes), `backends` (role
 interfaces, rule-based nouns), `pipeline` (the two stages), `runner` (sharding, caches,
-output dataset, report), `oracle` / `pixelref_truth` (ground-truth backends),
+output dataset, report), `oracle` / `pixelref_truth` / `libero_truth` (ground-truth
+backends for the PixelRef and LIBERO simulators),
 `hf_backends` / `tiny_models` (transformers backends; import torch only when used).
 """
 
