@@ -22,14 +22,18 @@ import time
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/pixelref", "Checkpoints, logs, evaluation.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "data", "Where the PixelRef dataset is (made).")
-_EPISODES = flags.DEFINE_integer("episodes", 200, "Evaluation episodes per prompt kind.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the config's).")
-_VARIANT = flags.DEFINE_string("variant", "default", "configs/pixelref.py variant.")
-_KINDS = flags.DEFINE_string(
-    "prompt_kinds", "mask,points,box,none", "Prompt kinds to evaluate (comma-separated)."
-)
+
+def _define_flags() -> None:
+    """Flags exist only when this module is the program (so importing it never clashes)."""
+    global _WORKDIR, _DATA_DIR, _EPISODES, _STEPS, _VARIANT, _KINDS
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/pixelref", "Checkpoints, logs, evaluation.")
+    _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Where the PixelRef dataset is (made).")
+    _EPISODES = flags.DEFINE_integer("episodes", 200, "Evaluation episodes per prompt kind.")
+    _STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the config's).")
+    _VARIANT = flags.DEFINE_string("variant", "default", "configs/pixelref.py variant.")
+    _KINDS = flags.DEFINE_string(
+        "prompt_kinds", "mask,points,box,none", "Prompt kinds to evaluate (comma-separated)."
+    )
 
 
 def load_config(variant: str = "default"):
@@ -99,4 +103,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -27,23 +27,40 @@ from absl import app, flags
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 SUITES = ("pixelref", *LIBERO_SUITES)
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir or its checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_SUITE = flags.DEFINE_enum("suite", "pixelref", SUITES, "What to evaluate on.")
-_TASKS = flags.DEFINE_string("tasks", "", "Comma-separated task ids (LIBERO; default: all).")
-_TRIALS = flags.DEFINE_integer("trials", 50, "Episodes per task (PixelRef: per prompt kind).")
-_OUT = flags.DEFINE_string("out", "", "Output directory (default: <checkpoint>/eval_<suite>).")
-_PIXEL_INPUT = flags.DEFINE_string(
-    "pixel_input", "oracle", "none | oracle (simulator masks) | FILE of precomputed masks."
-)
-_PROMPT_KINDS = flags.DEFINE_string(
-    "prompt_kinds", "mask,points,box,line,none", "PixelRef: prompt kinds to evaluate."
-)
-_REPLAN = flags.DEFINE_integer("replan", 0, "Actions executed per chunk (0: the whole chunk).")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel environment workers (LIBERO).")
-_VIDEOS = flags.DEFINE_integer("videos", 2, "Rollout GIFs written per prompt kind / task.")
-_SEED = flags.DEFINE_integer("seed", 7, "Seeds episodes and visual prompts.")
-_BATCH = flags.DEFINE_integer("batch_size", 50, "PixelRef: episodes stepped together.")
+
+def _define_flags() -> None:
+    """Flags exist only when this module is the program (so importing it never clashes)."""
+    global \
+        _CHECKPOINT, \
+        _STEP, \
+        _SUITE, \
+        _TASKS, \
+        _TRIALS, \
+        _OUT, \
+        _PIXEL_INPUT, \
+        _PROMPT_KINDS, \
+        _REPLAN, \
+        _WORKERS, \
+        _VIDEOS, \
+        _SEED, \
+        _BATCH
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir or its checkpoints/.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    _SUITE = flags.DEFINE_enum("suite", "pixelref", SUITES, "What to evaluate on.")
+    _TASKS = flags.DEFINE_string("tasks", "", "Comma-separated task ids (LIBERO; default: all).")
+    _TRIALS = flags.DEFINE_integer("trials", 50, "Episodes per task (PixelRef: per prompt kind).")
+    _OUT = flags.DEFINE_string("out", "", "Output directory (default: <checkpoint>/eval_<suite>).")
+    _PIXEL_INPUT = flags.DEFINE_string(
+        "pixel_input", "oracle", "none | oracle (simulator masks) | FILE of precomputed masks."
+    )
+    _PROMPT_KINDS = flags.DEFINE_string(
+        "prompt_kinds", "mask,points,box,line,none", "PixelRef: prompt kinds to evaluate."
+    )
+    _REPLAN = flags.DEFINE_integer("replan", 0, "Actions executed per chunk (0: the whole chunk).")
+    _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel environment workers (LIBERO).")
+    _VIDEOS = flags.DEFINE_integer("videos", 2, "Rollout GIFs written per prompt kind / task.")
+    _SEED = flags.DEFINE_integer("seed", 7, "Seeds episodes and visual prompts.")
+    _BATCH = flags.DEFINE_integer("batch_size", 50, "PixelRef: episodes stepped together.")
 
 
 def evaluate(
@@ -129,4 +146,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
