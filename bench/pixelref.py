@@ -54,6 +54,7 @@ def main(argv):
         if _STEPS.value:
             cfg.train.num_steps = cfg.optim.total_steps = _STEPS.value
             cfg.train.checkpoint_every = _STEPS.value
+            cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, _STEPS.value // 10)
         workdir = os.path.join(_WORKDIR.value, variant)
         t0 = time.perf_counter()
         history = experiment.train(cfg, workdir)

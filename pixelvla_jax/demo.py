@@ -70,6 +70,7 @@ def run_demo(
     if steps:
         cfg.train.num_steps = steps
         cfg.optim.total_steps = steps
+        cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, steps // 10)
         cfg.train.checkpoint_every = min(cfg.train.checkpoint_every, steps)
     start = time.perf_counter()
     experiment.train(cfg, workdir)
