@@ -345,10 +345,8 @@ def _rlds_episode(index: int, ep: dict[str, Any]) -> dict[str, Any]:
             }
         )
     ys, xs = np.nonzero(ep["target_mask"])
-    box = np.array(
-        [xs.min() / size, ys.min() / size, (xs.max() + 1) / size, (ys.max() + 1) / size],
-        np.float32,
-    )
+    # In pixels, as data/annotations.py documents gripper_box.
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
     return {
         "steps": steps,
         "episode_metadata": {
