@@ -177,7 +177,7 @@ def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
     for key in cfg:
         if key not in reference:
             near = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            hint = f" Did you mean {prefix}{near[0]!r}?" if near else ""
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
             raise ConfigError(
                 f"Unknown config key 'config.{prefix}{key}'.{hint} "
                 f"Known keys here: {sorted(reference.keys())}."
