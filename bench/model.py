@@ -18,6 +18,7 @@ Prints a table and a final `BENCH {...}` line. Numbers are indicative on a share
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -183,7 +184,8 @@ def main() -> None:
     model = PixelVLA(config)
     tx = optax.adam(1e-4)
 
-    @jax.jit
+    # Params and optimizer state are donated, as in the real train step (updated in place).
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state):
         def loss_fn(p):
             return model.apply({"params": p}, obs, actions, pad_mask, method=PixelVLA.loss)[0]
@@ -223,6 +225,7 @@ def main() -> None:
         jax_times.append(timed(jax_step, 1))
         torch_times.append(timed(torch_step, 1))
     jax_train, torch_train = float(np.median(jax_times)), float(np.median(torch_times))
+    params = state.pop("params")  # the donated originals are gone: use the trained ones
     state.clear()  # free the optimiser state before the inference runs
 
     # Inference: L1 chunk (one forward) vs discrete (prefill + 7 decode steps).
