@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelvla_jax.models.layers import logical_dense
+
 
 @dataclasses.dataclass(frozen=True)
 class L1ActionHeadConfig:
@@ -68,17 +70,6 @@ def _layer_norm(eps, dtype, param_dtype, axis, name):
     )
 
 
-def _dense(features, axes, dtype, param_dtype, name):
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name,
-    )
-
-
 class L1ActionHead(nn.Module):
     """MLP-ResNet over the action-slot hidden states -> a continuous action chunk."""
 
@@ -108,18 +99,20 @@ class L1ActionHead(nn.Module):
         x = hidden_states.reshape(batch, cfg.chunk_size, cfg.action_dim * width)
         x = x.astype(self.dtype)
         x = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, None, "norm_in")(x)
-        x = _dense(cfg.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc_in")(x)
+        x = logical_dense(cfg.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc_in")(
+            x
+        )
         x = nn.relu(x)
         for i in range(cfg.num_blocks):
             y = _layer_norm(
                 cfg.layer_norm_eps, self.dtype, self.param_dtype, None, f"block_{i}_norm"
             )(x)
-            y = _dense(
+            y = logical_dense(
                 cfg.hidden_dim, ("embed", "mlp"), self.dtype, self.param_dtype, f"block_{i}_fc"
             )(y)
             x = x + nn.relu(y)
         x = _layer_norm(cfg.layer_norm_eps, self.dtype, self.param_dtype, None, "norm_out")(x)
-        x = _dense(cfg.action_dim, ("mlp", None), self.dtype, self.param_dtype, "fc_out")(x)
+        x = logical_dense(cfg.action_dim, ("mlp", None), self.dtype, self.param_dtype, "fc_out")(x)
         return nn.with_logical_constraint(x, ("batch", None, None))
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelvla_jax.models.layers import logical_dense
+
 _AGGREGATIONS = ("sum", "concat")
 
 
@@ -135,20 +137,6 @@ def _grid_side(num_patches: int, what: str) -> int:
             "only the patch tokens (drop CLS/register tokens)."
         )
     return side
-
-
-def logical_dense(
-    features: int, axes: tuple[str | None, str | None], dtype, param_dtype, name: str
-) -> nn.Dense:
-    """`nn.Dense` whose kernel [in, out] and bias [out] carry the logical axis names `axes`."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name,
-    )
 
 
 class MaskPooling(nn.Module):
