@@ -1,6 +1,7 @@
 """The paper's claim in miniature: pixel-level inputs make PixelVLA act on the right object.
 
     python bench/pixelref.py [--episodes=200] [--workdir=/tmp/pixelref_bench] [--steps=0]
+                             [--replan=1]
 
 On the built-in PixelRef task (every instruction has a look-alike of its target):
   1. trains `configs/pixelref.py` (masks only) from scratch and evaluates it closed loop on
@@ -29,6 +30,9 @@ _EPISODES = flags.DEFINE_integer("episodes", 200, "Evaluation episodes per promp
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/pixelref_bench", "Runs go here (wiped).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/pixelref_bench_data", "Dataset directory.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per model (0: the config's).")
+_REPLAN = flags.DEFINE_integer(
+    "replan", 1, "Actions executed per predicted chunk (1: closed loop; 0: the whole chunk)."
+)
 
 
 def main(argv):
@@ -60,7 +64,12 @@ def main(argv):
         history = experiment.train(cfg, workdir)
         t1 = time.perf_counter()
         results = evaluate.evaluate(
-            workdir, "pixelref", trials=_EPISODES.value, prompt_kinds=kinds, videos=2
+            workdir,
+            "pixelref",
+            trials=_EPISODES.value,
+            prompt_kinds=kinds,
+            videos=2,
+            replan=_REPLAN.value,
         )
         t2 = time.perf_counter()
         figures[f"{variant}/train_s"] = round(t1 - t0, 1)

@@ -25,7 +25,7 @@ from absl import app, flags
 
 def _define_flags() -> None:
     """Flags exist only when this module is the program (so importing it never clashes)."""
-    global _WORKDIR, _DATA_DIR, _EPISODES, _STEPS, _VARIANT, _KINDS
+    global _WORKDIR, _DATA_DIR, _EPISODES, _STEPS, _VARIANT, _KINDS, _REPLAN
     _WORKDIR = flags.DEFINE_string("workdir", "runs/pixelref", "Checkpoints, logs, evaluation.")
     _DATA_DIR = flags.DEFINE_string("data_dir", "data", "Where the PixelRef dataset is (made).")
     _EPISODES = flags.DEFINE_integer("episodes", 200, "Evaluation episodes per prompt kind.")
@@ -34,6 +34,14 @@ def _define_flags() -> None:
     _KINDS = flags.DEFINE_string(
         "prompt_kinds", "mask,points,box,none", "Prompt kinds to evaluate (comma-separated)."
     )
+    _REPLAN = flags.DEFINE_integer(
+        "replan", REPLAN, "Actions executed per predicted chunk (0: the whole chunk)."
+    )
+
+
+# Closed loop: re-predict after every action. Measured on a 4000-step mask model: 73%
+# success with replan 1 vs 45% executing the whole 4-action chunk (premature closes).
+REPLAN = 1
 
 
 def load_config(variant: str = "default"):
@@ -59,6 +67,7 @@ def run_demo(
     variant: str = "default",
     prompt_kinds: tuple[str, ...] = ("mask", "points", "box", "none"),
     progress: bool = True,
+    replan: int = REPLAN,
 ) -> dict:
     """Generate (if absent) -> train -> evaluate; returns the evaluation results."""
     from pixelvla_jax import evaluate
@@ -76,7 +85,7 @@ def run_demo(
     experiment.train(cfg, workdir)
     trained = time.perf_counter() - start
     results = evaluate.evaluate(
-        workdir, "pixelref", trials=episodes, prompt_kinds=prompt_kinds, videos=2
+        workdir, "pixelref", trials=episodes, prompt_kinds=prompt_kinds, videos=2, replan=replan
     )
     results["train_seconds"] = trained
     results["total_seconds"] = time.perf_counter() - start
@@ -92,7 +101,13 @@ def main(argv):
 
     kinds = tuple(k.strip() for k in _KINDS.value.split(",") if k.strip())
     results = run_demo(
-        _WORKDIR.value, _DATA_DIR.value, _EPISODES.value, _STEPS.value, _VARIANT.value, kinds
+        _WORKDIR.value,
+        _DATA_DIR.value,
+        _EPISODES.value,
+        _STEPS.value,
+        _VARIANT.value,
+        kinds,
+        replan=_REPLAN.value,
     )
     print()
     print(format_table(results))
