@@ -201,17 +201,30 @@ class PixelVLAConfig:
         return config.replace(**overrides)
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> PixelVLAConfig:
+    def tiny(cls, width: int = 64, depth: int = 2, **overrides: Any) -> PixelVLAConfig:
         """Test size: the same code paths, a 56 px image (16 patches), a 64-wide 2-layer LLM.
 
+        `width` (LLM hidden size, a multiple of 16: head_dim 16, MLP 2x) and `depth` (LLM
+        layers) scale the LLM for small from-scratch runs (configs/pixelref.py).
         The vocabulary matches `pixelvla_jax.testing.tiny_openvla`: a 512-piece tokenizer,
         + 1 pad token, padded to 576 (a multiple of 64, as OpenVLA's 32001 -> 32064).
         """
-        width = 64
+        if width % 32 or width < 32 or depth < 1:
+            raise ValueError(
+                f"PixelVLAConfig.tiny: width={width} must be a positive multiple of 32 "
+                f"(head_dim 16, an even number of heads) and depth={depth} >= 1."
+            )
+        heads = width // 16
         config = cls(
             vision=VisionConfig.tiny(56, llm_dim=width),
             llama=llama_lib.tiny(
-                vocab_size=576, width=width, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128
+                vocab_size=576,
+                width=width,
+                depth=depth,
+                num_heads=heads,
+                num_kv_heads=heads // 2,
+                head_dim=16,
+                mlp_dim=2 * width,
             ),
             pixel_encoder=PixelEncoderConfig.tiny(out_dim=width),
             prompt_encoder=PromptEncoderConfig.tiny(out_dim=width),

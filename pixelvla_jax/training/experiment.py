@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # one of MODEL_PRESETS
+    c.model.tiny_width = 0  # preset "tiny" only: LLM width (0: the preset's 64)
+    c.model.tiny_depth = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
     c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
     c.model.chunk_size = 8  # N_c
     c.model.use_pixel_encoder = True
@@ -214,7 +216,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
     """The PixelVLAConfig a training config describes."""
     m = cfg.model
-    preset = getattr(PixelVLAConfig, m.preset)()
+    sizes = {}
+    if m.preset == "tiny":
+        if m.get("tiny_width", 0):
+            sizes["width"] = m.tiny_width
+        if m.get("tiny_depth", 0):
+            sizes["depth"] = m.tiny_depth
+    preset = getattr(PixelVLAConfig, m.preset)(**sizes)
     llama = preset.llama
     if m.lora.rank > 0:
         rule = (m.lora.targets, lora_lib.LoRAConfig(m.lora.rank, m.lora.alpha, m.lora.rslora))
