@@ -7,7 +7,8 @@ fused-GELU projector, Llama decoder, L1 MLP-ResNet head, 112 px so 64 vision tok
 
 1. train step (forward + backward + Adam, float32) of the L1 head, Flax `jit` vs PyTorch
    eager built from timm towers + HF `LlamaModel` + the same projector/slots/head, in the
-   stage-1 layout (no pixel/prompt tokens, which the torch side does not have). Timed
+   stage-1 layout (no pixel/prompt tokens, which the torch side does not have). Neither
+   side updates the LM head, which the L1 head does not use. Timed
    iterations alternate between the backends so background load hits both alike.
 2. action-chunk inference (Flax): the L1 head (one forward for N_c actions) vs the discrete
    head (prefill + 7 greedy KV-cache decode steps for one action); actions per second.
@@ -182,7 +183,13 @@ def main() -> None:
     actions = jnp.asarray(rng.uniform(-1, 1, (b, config.chunk_size, 7)), jnp.float32)
     pad_mask = jnp.ones((b, config.chunk_size), bool)
     model = PixelVLA(config)
-    tx = optax.adam(1e-4)
+    # As in training (training/experiment.py UNUSED_BY_L1): the L1 head never reads the LM
+    # head, so it is frozen: no Adam state or update, as torch's Adam skips grad-less params.
+    labels = {k: "trained" for k in params}
+    labels["llm"] = {k: "frozen" if k == "lm_head" else "trained" for k in params["llm"]}
+    tx = optax.multi_transform(
+        {"trained": optax.adam(1e-4), "frozen": optax.set_to_zero()}, labels
+    )
 
     # Params and optimizer state are donated, as in the real train step (updated in place).
     @functools.partial(jax.jit, donate_argnums=(0, 1))

@@ -214,3 +214,19 @@ def test_stage_needs_lora(data_dir):
     cfg.model.lora.rank = 0
     with pytest.raises(experiment.ConfigError, match="lora.rank"):
         experiment.validate_config(cfg)
+
+
+@pytest.mark.parametrize("head", ["l1", "discrete"])
+def test_lm_head_is_trained_only_by_the_discrete_head(head):
+    from pixelvla_jax.models.pixelvla import abstract_variables
+    from pixelvla_jax.training import optimizer as optimizer_lib
+
+    cfg = experiment.base_config()
+    cfg.model.head = head
+    params = abstract_variables(experiment.model_config(cfg))["params"]
+    labels = optimizer_lib.freeze_labels(experiment.optim_config(cfg), params)
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+    lm = {k: v for k, v in flat.items() if k.startswith("llm/lm_head/")}
+    assert lm and set(lm.values()) == ({FROZEN} if head == "l1" else {"trained"})
+    # Everything else stays trained in the "finetune" stage.
+    assert {v for k, v in flat.items() if k not in lm} == {"trained"}

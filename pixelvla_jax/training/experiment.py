@@ -33,6 +33,7 @@ import numpy as np
 from pixelvla_jax.data import pipeline as pipeline_lib
 from pixelvla_jax.models import lora as lora_lib
 from pixelvla_jax.models.observation import Observation
+from pixelvla_jax.models import vit as vit_lib
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
 from pixelvla_jax.training import checkpoint as checkpoint_lib
 from pixelvla_jax.training import mesh as mesh_lib
@@ -81,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = "tiny"  # one of MODEL_PRESETS
     c.model.tiny_width = 0  # preset "tiny" only: LLM width (0: the preset's 64)
     c.model.tiny_depth = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
+    c.model.pos_embed_init = "normal"  # ViT towers: "normal" or "sincos2d" (from scratch)
     c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
     c.model.chunk_size = 8  # N_c
     c.model.use_pixel_encoder = True
@@ -196,6 +198,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.preset={cfg.model.preset!r}; use one of {MODEL_PRESETS}.")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.model.dtype={cfg.model.dtype!r}; use float32 or bfloat16.")
+    if cfg.model.pos_embed_init not in vit_lib.POS_EMBED_INITS:
+        raise ConfigError(
+            f"config.model.pos_embed_init={cfg.model.pos_embed_init!r}; use one of "
+            f"{vit_lib.POS_EMBED_INITS}."
+        )
     if cfg.stage == "pue" and cfg.model.lora.rank <= 0:
         raise ConfigError("config.stage='pue' trains LoRA: set config.model.lora.rank > 0 (32).")
     if cfg.stage == "lora_discrete" and (cfg.model.lora.rank <= 0 or cfg.model.head != "discrete"):
@@ -229,7 +236,15 @@ def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
         llama = llama.replace(lora_rules=(rule,))
     llama = llama.replace(remat=m.remat, scan_layers=m.scan_layers)
     head = dataclasses.replace(preset.action_head, chunk_size=m.chunk_size)
+    vision = preset.vision
+    if m.pos_embed_init != "normal":
+        vision = dataclasses.replace(
+            vision,
+            dino=dataclasses.replace(vision.dino, pos_embed_init=m.pos_embed_init),
+            siglip=dataclasses.replace(vision.siglip, pos_embed_init=m.pos_embed_init),
+        )
     return preset.replace(
+        vision=vision,
         llama=llama,
         action_head=head,
         head=m.head,
@@ -246,10 +261,17 @@ def compute_dtype(cfg: ml_collections.ConfigDict) -> Any:
     return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
 
 
+# The L1 head never reads the LM head (it is kept so that exports stay OpenVLA checkpoints):
+# frozen, it costs no optimizer state (2 x 32064 x 4096 fp32 = 1 GiB at 7B) and no update.
+UNUSED_BY_L1 = (("llm/lm_head/.*", FROZEN),)
+
+
 def freeze_rules(cfg: ml_collections.ConfigDict) -> tuple[list, str]:
-    """(rules, default) of the stage, after any rules given in `config.optim.freeze`."""
+    """(rules, default) of the stage, after any rules given in `config.optim.freeze`
+    (first match wins); with the L1 head, the unused LM head is frozen after those."""
     rules, default = STAGE_POLICIES[cfg.stage]
-    return [tuple(r) for r in cfg.optim.freeze] + list(rules), default
+    unused = list(UNUSED_BY_L1) if cfg.model.head == "l1" else []
+    return [tuple(r) for r in cfg.optim.freeze] + unused + list(rules), default
 
 
 def optim_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
