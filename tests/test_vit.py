@@ -1,6 +1,7 @@
 """ViT towers vs timm: patch features per block, pooled output, position-embedding resampling,
 scan/unrolled layouts, bf16, parameter counts of the full-size towers, input errors."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -236,3 +237,21 @@ def test_sharded_forward_under_logical_rules_matches_unsharded():
     assert out[0].sharding.spec[0] == "data"
     for o, r in zip(out, ref):
         np.testing.assert_allclose(np.asarray(o), r, atol=1e-5, rtol=0)
+
+
+def test_sincos2d_position_init_encodes_rows_and_columns():
+    from pixelvla_jax.models.vit import sincos_2d
+
+    cfg = dataclasses.replace(ViTConfig.dinov2_tiny(56), pos_embed_init="sincos2d")
+    variables = ViT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 56, 56, 3)))
+    pos = np.asarray(nn.unbox(variables["params"]["pos_embed"]))[0]
+    table = sincos_2d(cfg.grid_size, cfg.width)
+    np.testing.assert_array_equal(pos[-cfg.num_patches :], table)
+    # Row features (first half) depend only on the row, column features only on the column.
+    grid = table.reshape(4, 4, cfg.width)
+    half = cfg.width // 2
+    np.testing.assert_array_equal(grid[:, :1, :half].repeat(4, 1), grid[:, :, :half])
+    np.testing.assert_array_equal(grid[:1, :, half:].repeat(4, 0), grid[:, :, half:])
+    assert len({tuple(r) for r in table.round(6)}) == cfg.num_patches  # all positions differ
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        dataclasses.replace(cfg, pos_embed_init="learned")

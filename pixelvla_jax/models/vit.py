@@ -31,6 +31,22 @@ _ZEROS = nn.initializers.zeros_init()
 _ONES = nn.initializers.ones_init()
 
 
+POS_EMBED_INITS = ("normal", "sincos2d")
+
+
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+    """float32 [grid * grid, width]: 2D sine-cosine position features (row-major patches);
+    the first half of the channels encode the row, the second half the column."""
+    quarter = width // 4
+    omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / max(quarter, 1))
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    feats = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coord[:, None] * omega[None, :]
+        feats += [np.sin(angles), np.cos(angles)]
+    return np.concatenate(feats, axis=1).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
     """Architecture of one ViT tower (timm `VisionTransformer` semantics).
@@ -54,6 +70,10 @@ class ViTConfig:
       attn_pool_head: SigLIP MAP head (attention pooling with one latent query); only used by
         the pooled output, present so parameter trees and counts match timm.
       in_channels: input channels.
+      pos_embed_init: "normal" (timm's, N(0, 0.02)) or "sincos2d" (patch positions start as
+        fixed 2D sine-cosine features, MAE-style, so a tower trained from scratch can read
+        positions from the first step; prefix tokens stay normal). Both are trained; imported
+        checkpoints overwrite either.
     """
 
     image_size: int = 224
@@ -73,8 +93,15 @@ class ViTConfig:
     final_norm: bool = True
     attn_pool_head: bool = False
     in_channels: int = 3
+    pos_embed_init: str = "normal"
 
     def __post_init__(self):
+        if self.pos_embed_init not in POS_EMBED_INITS:
+            raise ValueError(
+                f"pos_embed_init must be one of {POS_EMBED_INITS}, got {self.pos_embed_init!r}"
+            )
+        if self.pos_embed_init == "sincos2d" and self.width % 4:
+            raise ValueError(f"pos_embed_init='sincos2d' needs width % 4 == 0, got {self.width}")
         if self.mlp_act not in ("gelu", "gelu_tanh"):
             raise ValueError(f"mlp_act must be 'gelu' or 'gelu_tanh', got {self.mlp_act!r}")
         if self.width % self.num_heads:
@@ -166,6 +193,19 @@ class ViTConfig:
             num_heads=3,
             mlp_dim=179,  # int(48 * 3.7362)
         )
+
+
+def _pos_embed_init(cfg: ViTConfig):
+    normal = nn.initializers.normal(0.02)
+    if cfg.pos_embed_init == "normal":
+        return normal
+
+    def init(key, shape, dtype=jnp.float32):
+        n_pre = shape[1] - cfg.num_patches
+        table = jnp.asarray(sincos_2d(cfg.grid_size, cfg.width), dtype)[None]
+        return jnp.concatenate([normal(key, (1, n_pre, cfg.width), dtype), table], axis=1)
+
+    return init
 
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
@@ -373,7 +413,7 @@ class ViT(nn.Module):
         pos = _param(
             self,
             "pos_embed",
-            nn.initializers.normal(0.02),
+            _pos_embed_init(cfg),
             (1, cfg.num_pos_embed, cfg.width),
             (None, None, "embed"),
             pd,
