@@ -44,7 +44,7 @@ class PixelRefTruth:
         masks = []
         while not env.done:
             masks.append(pr.gripper_mask(*env.gripper, env.closed, size, half))
-            env.step(env.expert_action(rng))
+            env.demonstrate(rng)
         if env.success:
             held = pr.gripper_mask(*env.gripper, env.closed, size, half)
             masks.extend([held] * env.cfg.hold_steps)

@@ -16,8 +16,10 @@ deltas are unused), gripper -1 = open, +1 = close. Closing grasps the object who
 nearest to the gripper if it lies within `grasp_radius`, and ends the episode; success =
 the grasped object is the target.
 
-The scripted expert (`expert_action`) moves straight to the target with Gaussian noise and
-closes when within `close_distance`. `generate_dataset` writes expert episodes as an RLDS
+The scripted expert (`expert_action`) moves straight to the target and closes when within
+`close_distance`. Demonstrations are collected DART-style: the executed action carries
+Gaussian noise (`expert_noise`), the recorded label is the expert's clean correction from
+wherever the noise led, so the data covers the off-centre states a learned policy reaches. `generate_dataset` writes expert episodes as an RLDS
 ArrayRecord dataset in the LIBERO layout with the pixel-annotation features (episode-level
 target mask and object name), registered in the dataset registry as "pixelref".
 
@@ -66,8 +68,8 @@ class PixelRefConfig:
     gripper_size: float = 0.06  # half side of the drawn gripper
     max_step: float = 0.25  # per axis and step (one grid cell)
     grasp_radius: float = 0.12  # < half a cell: at most one object in reach
-    close_distance: float = 0.03  # the expert closes within this distance
-    expert_noise: float = 0.01  # std of the expert's translation noise
+    close_distance: float = 0.07  # the expert closes within this distance (< grasp_radius)
+    expert_noise: float = 0.03  # std of the translation noise executed while demonstrating
     max_steps: int = 32
     hold_steps: int = 1  # dataset: closed-gripper steps recorded after the grasp
 
@@ -217,6 +219,20 @@ class PixelRefEnv:
     def chance(self) -> float:
         return 1.0 / (1 + len(self.lookalikes))
 
+    @property
+    def outcome(self) -> str:
+        """How the episode ended: "target", "look-alike", "other object" (grasped),
+        "nothing" (closed on no object), "timeout", or "running"."""
+        if not self.done:
+            return "running"
+        if not self.closed:
+            return "timeout"
+        if self.grasped is None:
+            return "nothing"
+        if self.grasped == self.target:
+            return "target"
+        return "look-alike" if self.grasped in self.lookalikes else "other object"
+
     def object_mask(self, index: int) -> np.ndarray:
         """uint8 [S, S]: the full (unoccluded) mask of object `index`."""
         return self._masks[index].astype(np.uint8)
@@ -260,7 +276,8 @@ class PixelRefEnv:
         return self.done
 
     def expert_action(self, rng: np.random.Generator | None = None) -> np.ndarray:
-        """The scripted expert's next action (LIBERO convention), with translation noise."""
+        """The scripted expert's next action (LIBERO convention); with `rng`, translation
+        noise of std `expert_noise` is added (what `demonstrate` executes)."""
         t = self.target_object
         to_target = np.array([t.x, t.y]) - self.gripper
         action = np.zeros(7, np.float32)
@@ -273,6 +290,13 @@ class PixelRefEnv:
         action[:2] = np.clip(step, -self.cfg.max_step, self.cfg.max_step)
         action[6] = -1.0
         return action
+
+    def demonstrate(self, rng: np.random.Generator) -> np.ndarray:
+        """One demonstration step (DART): executes the expert's action with translation
+        noise of std `expert_noise` and returns the clean action, the label to record."""
+        label = self.expert_action()
+        self.step(self.expert_action(rng))
+        return label
 
 
 # ------------------------------------------------------------------ dataset
@@ -297,9 +321,7 @@ def expert_episode(seed: int, cfg: PixelRefConfig | None = None) -> dict[str, An
     while not env.done:
         frames.append(env.image())
         states.append(state())
-        action = env.expert_action(rng)
-        actions.append(action)
-        env.step(action)
+        actions.append(env.demonstrate(rng))
     if env.success:
         hold = np.zeros(7, np.float32)
         hold[6] = 1.0
@@ -386,8 +408,14 @@ def generate_dataset(
             yield _rlds_episode(written, ep)
             written += 1
 
+    # Lossless frames: the policy is evaluated on exactly what the env renders (JPEG would
+    # blur the 1-px gripper outline in training only).
     features = generate.rlds_features(
-        "libero", (cfg.image_size, cfg.image_size), with_annotations=True, wrist=True
+        "libero",
+        (cfg.image_size, cfg.image_size),
+        with_annotations=True,
+        wrist=True,
+        image_encoding="png",
     )
     return generate.write_rlds_dataset(
         data_dir,

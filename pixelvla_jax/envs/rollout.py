@@ -123,6 +123,7 @@ def run_episodes(
                     "steps": int(env.steps),
                     "instruction": env.instruction,
                     "chance": float(getattr(env, "chance", float("nan"))),
+                    "outcome": getattr(env, "outcome", None),
                     "frames": frames.get(j),
                 }
             )
@@ -189,7 +190,9 @@ def evaluate_policy(
     """Success rate per prompt kind over the same `num_episodes` seeded episodes.
 
     Returns {"num_episodes", "seed", "replan", "chance_rate", "success": {kind: rate},
-    "episodes": {kind: [{seed, success, steps, instruction}]}}; with `out_dir`, also
+    "episodes": {kind: [{seed, success, steps, instruction, chance, outcome}]}} and, for
+    environments with an `outcome` (PixelRef), "outcomes": {kind: {outcome: count}}; with
+    `out_dir`, also
     writes results.json, success.png and `videos` GIFs per kind (<kind>_<seed>.gif).
     """
     seeds = episode_seeds(seed, num_episodes)
@@ -217,6 +220,9 @@ def evaluate_policy(
             prompt_seed=seed,
         )
         results["success"][kind] = float(np.mean([e["success"] for e in episodes]))
+        ends = [e["outcome"] for e in episodes if e["outcome"] is not None]
+        if ends:
+            results.setdefault("outcomes", {})[kind] = {o: ends.count(o) for o in sorted(set(ends))}
         chances = [e["chance"] for e in episodes]
         for e in episodes:
             frames = e.pop("frames")
@@ -239,9 +245,11 @@ def evaluate_policy(
 def format_table(results: dict) -> str:
     """A console table of success per prompt kind (and the chance rate)."""
     n = results["num_episodes"]
-    lines = [f"{'prompt':<10}{'success':>10}{'episodes':>10}", "-" * 30]
+    outcomes = results.get("outcomes", {})
+    lines = [f"{'prompt':<10}{'success':>10}{'episodes':>10}  how episodes ended", "-" * 50]
     for kind, rate in results["success"].items():
-        lines.append(f"{kind:<10}{rate * 100:>9.1f}%{n:>10d}")
+        ends = ", ".join(f"{o} {c}" for o, c in outcomes.get(kind, {}).items())
+        lines.append(f"{kind:<10}{rate * 100:>9.1f}%{n:>10d}  {ends}".rstrip())
     chance = results.get("chance_rate")
     if chance is not None and np.isfinite(chance):
         lines.append(f"{'chance':<10}{chance * 100:>9.1f}%")
