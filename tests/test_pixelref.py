@@ -140,9 +140,9 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
     np.testing.assert_array_equal(image_lib.decode_mask(sample["pixel_mask"]), first["target_mask"])
     frame = image_lib.decode_image(sample["image"])
     assert frame.shape == (56, 56, 3)
-    # Lossless (PNG): training frames are exactly what the env renders at evaluation.
-    for k in range(len(first["actions"])):
-        np.testing.assert_array_equal(image_lib.decode_image(ds[k]["image"]), first["frames"][k])
+    for k in range(len(first["actions"])):  # JPEG: close to the renders
+        frame = image_lib.decode_image(ds[k]["image"])
+        assert np.abs(frame.astype(int) - first["frames"][k]).mean() < 4
     # LIBERO gripper (-1 open) -> standardised 1 = open; translation deltas kept.
     np.testing.assert_allclose(sample["action_chunk"][0, :2], first["actions"][0, :2], atol=1e-6)
     assert sample["action_chunk"][0, 6] == 1.0

@@ -129,12 +129,8 @@ def rlds_features(
     per_step_mask: bool = False,
     wrist: bool = True,
     drop_features: Sequence[str] = (),
-    image_encoding: str = "jpeg",
 ) -> dict[str, Any]:
     """Nested dict of TFDS features of the raw `fmt` layout ("libero", "bridge", "fractal").
-
-    Camera images are stored as `image_encoding` ("jpeg" as in the public RLDS datasets, or
-    lossless "png", for generated data whose evaluation renders exact frames).
 
     `drop_features` removes step features by path (e.g. "observation/state"), to make broken
     datasets for error tests.
@@ -143,10 +139,8 @@ def rlds_features(
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown RLDS format {fmt!r}; known: {FORMATS}")
-    if image_encoding not in ("jpeg", "png"):
-        raise ValueError(f"image_encoding={image_encoding!r}; use 'jpeg' or 'png'.")
     h, w = image_size
-    image = lambda: tfds.features.Image(shape=(h, w, 3), encoding_format=image_encoding)
+    image = lambda: tfds.features.Image(shape=(h, w, 3), encoding_format="jpeg")
     vec = lambda n: tfds.features.Tensor(shape=(n,), dtype=np.float32)
     scalar = lambda dt: tfds.features.Scalar(dtype=dt)
     common = {

@@ -408,15 +408,13 @@ def generate_dataset(
             yield _rlds_episode(written, ep)
             written += 1
 
-    # Lossless frames: the policy is evaluated on exactly what the env renders (JPEG would
-    # blur the 1-px gripper outline in training only).
+    # JPEG, as in the public RLDS datasets. Measured on the same episodes (width 64, sincos
+    # positions, 2500 steps, 100 episodes): 81% success trained on JPEG frames, 32% on
+    # lossless PNG ones (JPEG's noise acts as an augmentation; evaluation renders are exact).
     features = generate.rlds_features(
-        "libero",
-        (cfg.image_size, cfg.image_size),
-        with_annotations=True,
-        wrist=True,
-        image_encoding="png",
+        "libero", (cfg.image_size, cfg.image_size), with_annotations=True, wrist=True
     )
+
     return generate.write_rlds_dataset(
         data_dir,
         name,
