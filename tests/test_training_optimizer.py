@@ -143,6 +143,17 @@ def test_schedules():
     const = opt_lib.learning_rate_fn({"lr": 2.0, "schedule": "constant", "warmup_steps": 4})
     np.testing.assert_allclose([const(s) for s in (0, 2, 4, 1000)], [0.0, 1.0, 2.0, 2.0])
     assert float(opt_lib.learning_rate_fn({"lr": 3.0, "schedule": "constant"})(0)) == 3.0
+    # Warmup 10, flat to step 80, linear decay over the last 20% (20 steps) to 0.1 * lr.
+    wsd = opt_lib.learning_rate_fn(
+        {"lr": 1.0, "schedule": "wsd", "warmup_steps": 10, "total_steps": 100, "end_lr_factor": 0.1}
+    )
+    np.testing.assert_allclose(
+        [wsd(s) for s in (0, 5, 10, 50, 80, 90, 100, 200)],
+        [0.0, 0.5, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1],
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="decay_fraction"):
+        opt_lib.learning_rate_fn({"schedule": "wsd", "decay_fraction": 0.0})
     with pytest.raises(ValueError, match="schedule"):
         opt_lib.learning_rate_fn({"schedule": "linear"})
 

@@ -3,10 +3,13 @@
 Config (`config.optim`, an `ml_collections.ConfigDict` or a dict), all fields optional:
 
     lr: 1e-4                 peak learning rate
-    schedule: "cosine"       "cosine" (warmup, then cosine decay) or "constant" (warmup, then flat)
+    schedule: "cosine"       "cosine" (warmup, then cosine decay), "constant" (warmup, then
+                             flat) or "wsd" (warmup, flat, then linear decay over the last
+                             `decay_fraction` of `total_steps`)
     warmup_steps: 0          linear warmup from 0 to `lr`
-    total_steps: 10_000      cosine: optimizer steps until the end value (warmup included)
-    end_lr_factor: 0.0       cosine: final lr = lr * end_lr_factor
+    total_steps: 10_000      cosine / wsd: optimizer steps until the end value (warmup included)
+    end_lr_factor: 0.0       cosine / wsd: final lr = lr * end_lr_factor
+    decay_fraction: 0.2      wsd: share of `total_steps` spent decaying
     b1: 0.9, b2: 0.999, eps: 1e-8
     weight_decay: 0.0        decoupled (AdamW); not applied to paths matched by `no_decay`
     no_decay: policy.DEFAULT_NO_DECAY
@@ -44,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "total_steps": 10_000,
     "end_lr_factor": 0.0,
+    "decay_fraction": 0.2,
     "b1": 0.9,
     "b2": 0.999,
     "eps": 1e-8,
@@ -71,13 +75,26 @@ def learning_rate_fn(cfg: Any) -> optax.Schedule:
     lr = float(_get(cfg, "lr"))
     warmup = int(_get(cfg, "warmup_steps"))
     kind = _get(cfg, "schedule")
-    if kind == "cosine":
+    if kind in ("cosine", "wsd"):
         total = int(_get(cfg, "total_steps"))
         if total <= warmup:
             raise ValueError(
                 f"optim.total_steps ({total}) must exceed optim.warmup_steps ({warmup}) for the "
-                "cosine schedule; raise total_steps or lower warmup_steps."
+                f"{kind} schedule; raise total_steps or lower warmup_steps."
             )
+    if kind == "wsd":
+        fraction = float(_get(cfg, "decay_fraction"))
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction={fraction} must be in (0, 1].")
+        decay = max(1, min(total - warmup, round(total * fraction)))
+        stable = total - warmup - decay
+        end = lr * float(_get(cfg, "end_lr_factor"))
+        parts = [optax.linear_schedule(0.0, lr, warmup)] if warmup > 0 else []
+        parts += [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)]
+        bounds = [warmup] if warmup > 0 else []
+        bounds += [warmup + stable]
+        return optax.join_schedules(parts, bounds)
+    if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0,
             peak_value=lr,
@@ -91,7 +108,7 @@ def learning_rate_fn(cfg: Any) -> optax.Schedule:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
         )
-    raise ValueError(f"optim.schedule {kind!r} is unknown; use 'cosine' or 'constant'.")
+    raise ValueError(f"optim.schedule {kind!r} is unknown; use 'cosine', 'constant' or 'wsd'.")
 
 
 def freeze_labels(cfg: Any, params: Any) -> Any:
