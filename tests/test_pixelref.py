@@ -149,6 +149,17 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
     last = ds[len(episodes[0]["actions"]) - 1]
     assert last["action_chunk"][0, 6] == 0.0  # closed while holding
 
+    # Generated data records how it was made; other settings or older data are refused.
+    dataset_dir = os.path.dirname(path)
+    cfg = PixelRefConfig()
+    pixelref.check_generated(dataset_dir, 3, 5, cfg)
+    for args in ((4, 5, cfg), (3, 6, cfg), (3, 5, PixelRefConfig(expert_noise=0.0))):
+        with pytest.raises(ValueError, match="Delete"):
+            pixelref.check_generated(dataset_dir, *args)
+    os.remove(os.path.join(dataset_dir, pixelref.GENERATOR_FILE))
+    with pytest.raises(ValueError, match="older version"):
+        pixelref.check_generated(dataset_dir, 3, 5, cfg)
+
 
 def _pixelref_config(variant="tiny"):
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "pixelref.py")

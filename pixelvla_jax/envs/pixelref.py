@@ -32,6 +32,7 @@ target mask and object name), registered in the dataset registry as "pixelref".
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -415,13 +416,50 @@ def generate_dataset(
         "libero", (cfg.image_size, cfg.image_size), with_annotations=True, wrist=True
     )
 
-    return generate.write_rlds_dataset(
+    path = generate.write_rlds_dataset(
         data_dir,
         name,
         episodes(),
         features,
         description="PixelRef expert episodes (pixelvla_jax.envs.pixelref).",
     )
+    with open(os.path.join(data_dir, name, GENERATOR_FILE), "w") as f:
+        json.dump(generator_spec(num_episodes, seed, cfg), f, indent=1, sort_keys=True)
+    return path
+
+
+# Bumped whenever the expert or the episode layout changes, so stale data is noticed.
+DATA_VERSION = 2  # 2: DART demonstrations (noisy execution, clean labels)
+GENERATOR_FILE = "generator.json"
+
+
+def generator_spec(num_episodes: int, seed: int, cfg: PixelRefConfig) -> dict[str, Any]:
+    """What a generated dataset was made from (saved next to it as `generator.json`)."""
+    return {
+        "generator": "pixelvla_jax.envs.pixelref",
+        "data_version": DATA_VERSION,
+        "num_episodes": int(num_episodes),
+        "seed": int(seed),
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+    }
+
+
+def check_generated(dataset_dir: str, num_episodes: int, seed: int, cfg: PixelRefConfig) -> None:
+    """Raises ValueError when `dataset_dir` was generated differently than asked."""
+    expected = generator_spec(num_episodes, seed, cfg)
+    path = os.path.join(dataset_dir, GENERATOR_FILE)
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        found = None
+    if found != expected:
+        what = "by an older version" if found is None else f"with {found}"
+        raise ValueError(
+            f"{dataset_dir} holds PixelRef data generated {what}, but this run asks for "
+            f"{expected}. Delete {dataset_dir} to regenerate it (it is made from seeds: "
+            "nothing is lost), or point --config.data.data_dir elsewhere."
+        )
 
 
 TRAINING_SEED_OFFSET = 2**40

@@ -290,18 +290,19 @@ def ensure_data(cfg: ml_collections.ConfigDict) -> None:
     gen = cfg.data_generator
     for name, _ in cfg.data.datasets:
         path = os.path.join(cfg.data.data_dir, name)
-        if os.path.isdir(path):
-            continue
         if gen.kind == "pixelref" and name == gen.kind:
             from pixelvla_jax.envs import pixelref
 
+            env_cfg = pixelref.PixelRefConfig(image_size=gen.image_size)
+            if os.path.isdir(path):  # made from seeds: stale data is an error, not a surprise
+                pixelref.check_generated(path, gen.num_episodes, cfg.seed, env_cfg)
+                continue
             log.info("Generating %d PixelRef expert episodes in %s", gen.num_episodes, path)
             pixelref.generate_dataset(
-                cfg.data.data_dir,
-                num_episodes=gen.num_episodes,
-                seed=cfg.seed,
-                config=pixelref.PixelRefConfig(image_size=gen.image_size),
+                cfg.data.data_dir, num_episodes=gen.num_episodes, seed=cfg.seed, config=env_cfg
             )
+            continue
+        if os.path.isdir(path):
             continue
         if gen.kind and name == gen.kind:
             from pixelvla_jax.data import generate
