@@ -187,9 +187,7 @@ def main() -> None:
     # head, so it is frozen: no Adam state or update, as torch's Adam skips grad-less params.
     labels = {k: "trained" for k in params}
     labels["llm"] = {k: "frozen" if k == "lm_head" else "trained" for k in params["llm"]}
-    tx = optax.multi_transform(
-        {"trained": optax.adam(1e-4), "frozen": optax.set_to_zero()}, labels
-    )
+    tx = optax.multi_transform({"trained": optax.adam(1e-4), "frozen": optax.set_to_zero()}, labels)
 
     # Params and optimizer state are donated, as in the real train step (updated in place).
     @functools.partial(jax.jit, donate_argnums=(0, 1))

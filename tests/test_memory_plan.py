@@ -43,7 +43,11 @@ def test_abstract_step_counts_and_shards_the_state():
     # Everything is abstract: no leaf of the state is a real array.
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(cat.state))
     assert finetune.mesh.shape == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert s_ft.frozen_params == 0 and s_ft.frozen_bytes == 0
+    # "finetune" trains everything but the LM head, which the L1 head never reads.
+    lm_head = finetune.state.params["llm"]["lm_head"]["kernel"]
+    assert s_ft.frozen_params == math.prod(lm_head.shape)
+    shard = finetune.shardings.params["llm"]["lm_head"]["kernel"].shard_shape(lm_head.shape)
+    assert s_ft.frozen_bytes == math.prod(shard) * 4  # per device: sharded over fsdp
 
     # Stage 1 trains exactly the action head and the action slots; the encoders are off.
     params = cat.state.params

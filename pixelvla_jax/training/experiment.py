@@ -32,8 +32,8 @@ import numpy as np
 
 from pixelvla_jax.data import pipeline as pipeline_lib
 from pixelvla_jax.models import lora as lora_lib
-from pixelvla_jax.models.observation import Observation
 from pixelvla_jax.models import vit as vit_lib
+from pixelvla_jax.models.observation import Observation
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
 from pixelvla_jax.training import checkpoint as checkpoint_lib
 from pixelvla_jax.training import mesh as mesh_lib
