@@ -197,6 +197,18 @@ def test_no_checkpoint_gives_none_and_json_only_restore(tmp_path, built8):
     assert only_json.data_state == {"i": 5} and only_json.metadata == {"tokenizer": "t"}
 
 
+def test_relative_directory_saves_and_restores(tmp_path, built8, monkeypatch):
+    _, abstract, shardings, _ = built8
+    monkeypatch.chdir(tmp_path)
+    with ckpt_lib.Checkpointer(os.path.join("runs", "x", "checkpoints")) as ckpt:
+        ckpt.save(3, fresh_state(built8), data_state={"i": 3})
+        ckpt.wait_until_finished()
+    monkeypatch.chdir("/")  # restoring resolves against where the run was made
+    with ckpt_lib.Checkpointer(tmp_path / "runs" / "x" / "checkpoints") as ckpt:
+        restored = ckpt.restore_latest(abstract, shardings)
+    assert restored.step == 3 and restored.data_state == {"i": 3}
+
+
 def test_keep_last_n_and_every_k(tmp_path, built8):
     state = fresh_state(built8)
     with ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, keep_period=4) as ckpt:

@@ -118,6 +118,9 @@ class Checkpointer:
         keep_period: int | None = None,
         async_save: bool = True,
     ):
+        directory = os.fspath(directory)
+        if "://" not in directory:  # Orbax needs absolute paths (a relative workdir is common)
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
