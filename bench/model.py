@@ -51,6 +51,8 @@ from pixelvla_jax.testing.torch_reference import (  # noqa: E402
     import_torch,
     import_transformers,
 )
+from pixelvla_jax.training.experiment import UNUSED_BY_L1  # noqa: E402
+from pixelvla_jax.training.policy import FROZEN, TRAINED, param_labels  # noqa: E402
 
 IMAGE = 112
 WIDTH = 768
@@ -183,11 +185,10 @@ def main() -> None:
     actions = jnp.asarray(rng.uniform(-1, 1, (b, config.chunk_size, 7)), jnp.float32)
     pad_mask = jnp.ones((b, config.chunk_size), bool)
     model = PixelVLA(config)
-    # As in training (training/experiment.py UNUSED_BY_L1): the L1 head never reads the LM
-    # head, so it is frozen: no Adam state or update, as torch's Adam skips grad-less params.
-    labels = {k: "trained" for k in params}
-    labels["llm"] = {k: "frozen" if k == "lm_head" else "trained" for k in params["llm"]}
-    tx = optax.multi_transform({"trained": optax.adam(1e-4), "frozen": optax.set_to_zero()}, labels)
+    # As in training: the L1 head never reads the LM head, so it is frozen (no Adam state or
+    # update), as torch's Adam skips grad-less params.
+    labels = param_labels(params, UNUSED_BY_L1, TRAINED)
+    tx = optax.multi_transform({TRAINED: optax.adam(1e-4), FROZEN: optax.set_to_zero()}, labels)
 
     # Params and optimizer state are donated, as in the real train step (updated in place).
     @functools.partial(jax.jit, donate_argnums=(0, 1))

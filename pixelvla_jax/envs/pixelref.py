@@ -19,9 +19,10 @@ the grasped object is the target.
 The scripted expert (`expert_action`) moves straight to the target and closes when within
 `close_distance`. Demonstrations are collected DART-style: the executed action carries
 Gaussian noise (`expert_noise`), the recorded label is the expert's clean correction from
-wherever the noise led, so the data covers the off-centre states a learned policy reaches. `generate_dataset` writes expert episodes as an RLDS
-ArrayRecord dataset in the LIBERO layout with the pixel-annotation features (episode-level
-target mask and object name), registered in the dataset registry as "pixelref".
+wherever the noise led, so the data covers the off-centre states a learned policy reaches.
+`generate_dataset` writes expert episodes as an RLDS ArrayRecord dataset in the LIBERO
+layout with the pixel-annotation features (episode-level target mask and object name),
+registered in the dataset registry as "pixelref".
 
     env = PixelRefEnv(seed=3)
     while not env.done:

@@ -204,8 +204,9 @@ class PixelVLAConfig:
     def tiny(cls, width: int = 64, depth: int = 2, **overrides: Any) -> PixelVLAConfig:
         """Test size: the same code paths, a 56 px image (16 patches), a 64-wide 2-layer LLM.
 
-        `width` (LLM hidden size, a multiple of 16: head_dim 16, MLP 2x) and `depth` (LLM
-        layers) scale the LLM for small from-scratch runs (configs/pixelref.py).
+        `width` (LLM hidden size, a multiple of 32: head_dim 16, an even number of heads,
+        MLP 2x) and `depth` (LLM layers) scale the LLM for small from-scratch runs
+        (configs/pixelref.py).
         The vocabulary matches `pixelvla_jax.testing.tiny_openvla`: a 512-piece tokenizer,
         + 1 pad token, padded to 576 (a multiple of 64, as OpenVLA's 32001 -> 32064).
         """
