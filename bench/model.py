@@ -10,8 +10,14 @@ fused-GELU projector, Llama decoder, L1 MLP-ResNet head, 112 px so 64 vision tok
    stage-1 layout (no pixel/prompt tokens, which the torch side does not have). Neither
    side updates the LM head, which the L1 head does not use. Timed
    iterations alternate between the backends so background load hits both alike.
-2. action-chunk inference (Flax): the L1 head (one forward for N_c actions) vs the discrete
-   head (prefill + 7 greedy KV-cache decode steps for one action); actions per second.
+2. one Llama decoder block of the same width (forward, and forward + backward), Flax `jit`
+   vs HF `LlamaDecoderLayer`: where the train-step ratio comes from. On XLA:CPU the fp32
+   block is slower than torch's oneDNN kernels (the GEMMs themselves are no faster), so the
+   whole-model ratio cannot exceed what the block ratio allows.
+3. action-chunk inference (Flax): the L1 head (one forward for N_c actions) vs the discrete
+   head (prefill + 7 greedy KV-cache decode steps for one action); actions per second, the
+   median of at least 10 alternating timed calls each (3 calls read anywhere from 6.5x to
+   11.3x here).
 
 Prints a table and a final `BENCH {...}` line. Numbers are indicative on a shared CPU.
 """
@@ -158,6 +164,63 @@ def torch_model(config: PixelVLAConfig):
     return TorchVLA()
 
 
+def llama_block_times(config: PixelVLAConfig, batch: int, seq: int, iters: int) -> dict:
+    """Seconds of one decoder block, forward and forward + backward, Flax jit vs HF torch."""
+    torch = import_torch()
+    transformers = import_transformers()
+    ll = config.llama
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, seq, ll.width)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    mask = llama_lib.make_attention_mask(
+        jnp.ones((batch, seq), bool), jnp.zeros((batch, seq), bool)
+    )
+    block = llama_lib.DecoderBlock(ll)
+    variables = block.init(jax.random.key(0), x, None, None, positions, mask, None)
+
+    def block_loss(v, x):
+        y, _ = block.apply(v, x, None, None, positions, mask, None)
+        return jnp.sum(y * y)
+
+    fwd = jax.jit(block_loss)
+    grad = jax.jit(jax.grad(block_loss, argnums=(0, 1)))
+    t_cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=ll.width,
+        intermediate_size=ll.mlp_dim,
+        num_hidden_layers=1,
+        num_attention_heads=ll.num_heads,
+        num_key_value_heads=ll.num_kv_heads,
+    )
+    t_model = transformers.LlamaModel(t_cfg)
+    t_x = torch.from_numpy(np.asarray(x)).requires_grad_(True)
+    t_pos = torch.arange(seq)[None].expand(batch, seq)
+    t_mask = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
+
+    def t_loss():
+        out = t_model.layers[0](
+            t_x,
+            attention_mask=t_mask,
+            position_ids=t_pos,
+            position_embeddings=t_model.rotary_emb(t_x, t_pos),
+        )
+        out = out[0] if isinstance(out, tuple) else out
+        return (out * out).sum()
+
+    fwd(variables, x).block_until_ready()
+    jax.block_until_ready(grad(variables, x))
+    with torch.no_grad():
+        t_loss()
+        torch_fwd = timed(t_loss, iters)
+    t_loss().backward()
+    return {
+        "flax_fwd": timed(lambda: fwd(variables, x).block_until_ready(), iters),
+        "torch_fwd": torch_fwd,
+        "flax_fwd_bwd": timed(lambda: jax.block_until_ready(grad(variables, x)), iters),
+        "torch_fwd_bwd": timed(lambda: t_loss().backward(), iters),
+    }
+
+
 def timed(fn, iters):
     times = []
     for _ in range(iters):
@@ -247,8 +310,14 @@ def main() -> None:
     )
     l1_predict(params, obs).block_until_ready()
     d_predict(d_params, obs).block_until_ready()
-    l1_time = timed(lambda: l1_predict(params, obs).block_until_ready(), args.iters)
-    d_time = timed(lambda: d_predict(d_params, obs).block_until_ready(), args.iters)
+    # Alternate the two heads so that load drifting over the run hits both alike.
+    l1_times, d_times = [], []
+    for _ in range(max(args.iters, 10)):
+        l1_times.append(timed(lambda: l1_predict(params, obs).block_until_ready(), 1))
+        d_times.append(timed(lambda: d_predict(d_params, obs).block_until_ready(), 1))
+    l1_time, d_time = float(np.median(l1_times)), float(np.median(d_times))
+    seq = config.prefix_length(config.max_text_tokens) + config.num_action_slots
+    block = llama_block_times(config, b, seq, max(args.iters, 10))
     l1_aps = b * config.chunk_size / l1_time
     d_aps = b * 1 / d_time
 
@@ -263,13 +332,23 @@ def main() -> None:
             f"{ratio_train:.2f}x",
         ),
         ("train compile s (Flax)", f"{compile_train:.1f}", "", ""),
+        (
+            "1 Llama block fwd ms",
+            f"{block['flax_fwd'] * 1e3:.1f}",
+            f"{block['torch_fwd'] * 1e3:.1f}",
+            f"{block['torch_fwd'] / block['flax_fwd']:.2f}x",
+        ),
+        (
+            "1 Llama block fwd+bwd ms",
+            f"{block['flax_fwd_bwd'] * 1e3:.1f}",
+            f"{block['torch_fwd_bwd'] * 1e3:.1f}",
+            f"{block['torch_fwd_bwd'] / block['flax_fwd_bwd']:.2f}x",
+        ),
         ("L1 chunk latency s", f"{l1_time:.3f}", "", ""),
         ("discrete action latency s", f"{d_time:.3f}", "", ""),
         ("actions/s L1 vs discrete", f"{l1_aps:.1f}", f"{d_aps:.1f}", f"{ratio_actions:.2f}x"),
     ]
-    print(
-        f"PixelVLA mid-size, batch {b}, {IMAGE}px, seq {config.prefix_length(32) + 56}, CPU x{os.cpu_count()}"
-    )
+    print(f"PixelVLA mid-size, batch {b}, {IMAGE}px, seq {seq}, CPU x{os.cpu_count()}")
     print(f"{'':32s} {'Flax/L1':>10s} {'torch/disc':>10s} {'ratio':>8s}")
     for name, a, c, r in rows:
         print(f"{name:32s} {a:>10s} {c:>10s} {r:>8s}")
@@ -281,6 +360,10 @@ def main() -> None:
         "discrete_action_latency_s": round(d_time, 4),
         "l1_actions_per_s": round(l1_aps, 2),
         "discrete_actions_per_s": round(d_aps, 2),
+        "block_fwd_ms_flax": round(block["flax_fwd"] * 1e3, 2),
+        "block_fwd_ms_torch": round(block["torch_fwd"] * 1e3, 2),
+        "block_fwd_bwd_ms_flax": round(block["flax_fwd_bwd"] * 1e3, 2),
+        "block_fwd_bwd_ms_torch": round(block["torch_fwd_bwd"] * 1e3, 2),
     }
     bench = {
         "name": "model",

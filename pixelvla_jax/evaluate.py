@@ -43,7 +43,8 @@ def _define_flags() -> None:
         _WORKERS, \
         _VIDEOS, \
         _SEED, \
-        _BATCH
+        _BATCH, \
+        _TEMPERATURE
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir or its checkpoints/.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     _SUITE = flags.DEFINE_enum("suite", "pixelref", SUITES, "What to evaluate on.")
@@ -61,6 +62,12 @@ def _define_flags() -> None:
     _VIDEOS = flags.DEFINE_integer("videos", 2, "Rollout GIFs written per prompt kind / task.")
     _SEED = flags.DEFINE_integer("seed", 7, "Seeds episodes and visual prompts.")
     _BATCH = flags.DEFINE_integer("batch_size", 50, "PixelRef: episodes stepped together.")
+    _TEMPERATURE = flags.DEFINE_float(
+        "decode_temperature",
+        None,
+        "PixelRef, discrete head: 0 = greedy, > 0 = sampled action tokens "
+        "(default: the checkpoint's model.decode_temperature).",
+    )
 
 
 def evaluate(
@@ -78,6 +85,7 @@ def evaluate(
     seed: int = 7,
     step: int | None = None,
     batch_size: int = 50,
+    decode_temperature: float | None = None,
 ) -> dict:
     """Runs the evaluation; returns the results dict (also written as results.json)."""
     if suite not in SUITES:
@@ -86,6 +94,11 @@ def evaluate(
     if suite in LIBERO_SUITES:
         from pixelvla_jax.envs import libero_eval
 
+        if decode_temperature is not None:
+            raise ValueError(
+                "decode_temperature is a PixelRef evaluation option; LIBERO evaluation uses "
+                "the checkpoint's model.decode_temperature."
+            )
         return libero_eval.run(
             checkpoint, suite, tasks, trials, out_dir, pixel_input, replan, workers, videos, seed
         )
@@ -99,7 +112,7 @@ def evaluate(
         raise ValueError(
             f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
         )
-    policy = Policy.from_checkpoint(checkpoint, step=step)
+    policy = Policy.from_checkpoint(checkpoint, step=step, decode_temperature=decode_temperature)
     return rollout.evaluate_policy(
         policy,
         PixelRefEnv,
@@ -136,6 +149,7 @@ def main(argv):
         seed=_SEED.value,
         step=_STEP.value,
         batch_size=_BATCH.value,
+        decode_temperature=_TEMPERATURE.value,
     )
     if _SUITE.value == "pixelref":
         from pixelvla_jax.envs.rollout import format_table

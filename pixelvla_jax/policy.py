@@ -111,7 +111,11 @@ class Policy:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | os.PathLike, step: int | None = None, dataset_name: str | None = None
+        cls,
+        path: str | os.PathLike,
+        step: int | None = None,
+        dataset_name: str | None = None,
+        decode_temperature: float | None = None,
     ) -> Policy:
         """Loads a policy from a run's workdir (or its `checkpoints/` dir).
 
@@ -120,6 +124,8 @@ class Policy:
           step: which checkpoint (default: the newest complete one).
           dataset_name: whose statistics unnormalise the actions (default: the run's first
             dataset).
+          decode_temperature: discrete head only: overrides the run's
+            `model.decode_temperature` (0: greedy; > 0: sampled action tokens).
         """
         from pixelvla_jax.training import checkpoint as checkpoint_lib
 
@@ -133,6 +139,13 @@ class Policy:
             saved = ckpt.restore(step)
             cfg = ml_collections.ConfigDict(saved.config)
             _, params = ckpt.restore_params(step, abstract_params(cfg))
+            if decode_temperature is not None:
+                if cfg.model.head != "discrete":
+                    raise ValueError(
+                        f"decode_temperature={decode_temperature} applies to the discrete head; "
+                        f"checkpoint {directory}/{step} has head={cfg.model.head!r}."
+                    )
+                cfg.model.decode_temperature = float(decode_temperature)
         finally:
             ckpt.close()
         stats_by_name = saved.dataset_statistics or {}
@@ -288,12 +301,14 @@ class Policy:
           pixel_masks: [B, H, W] target masks (bool / uint8 / float) or None.
           prompt_kinds: per sample one of PROMPT_KINDS (or one string for all); default:
             "mask" where a non-empty mask is given, else "none".
-          seed: seeds the visual prompts sampled from the masks.
+          seed: seeds the visual prompts sampled from the masks and, for a discrete head
+            with `decode_temperature` > 0, the sampled action tokens.
         Returns:
           float32 [B, N_c, A] unnormalised actions (gripper: 1 = open, 0 = closed).
         """
         obs = self.preprocess(images, instructions, pixel_masks, prompt_kinds, seed)
-        normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs))
+        rng = jax.random.key(seed)  # used only by a sampling discrete head
+        normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs), rng)
         normed = np.asarray(jax.device_get(normed), np.float32)
         return unnormalize_actions(normed, self.statistics)
 
@@ -308,8 +323,8 @@ def _jitted_predict(model: Any):
     key = (model.config, jnp.dtype(model.dtype).name)
     if key not in _PREDICT_CACHE:
 
-        def predict(params, obs):
-            return model.apply({"params": params}, obs, method=PixelVLA.predict_actions)
+        def predict(params, obs, rng):
+            return model.apply({"params": params}, obs, rng, method=PixelVLA.predict_actions)
 
         _PREDICT_CACHE[key] = jax.jit(predict)
     return _PREDICT_CACHE[key]

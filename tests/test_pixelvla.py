@@ -207,6 +207,45 @@ def test_discrete_head_cache_decoding_and_loss():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_discrete_head_sampled_decoding():
+    base = PixelVLAConfig.tiny(head="discrete", use_prompt_encoder=False)
+    obs = _obs(base, seed=2)
+    variables = _random_variables(base, seed=1)
+    first = base.action_tokenizer.first_token
+
+    def decoder(temperature):
+        model = PixelVLA(base.replace(decode_temperature=temperature))
+
+        @jax.jit
+        def decode(v, o, rng):
+            tokens = model.apply(v, o, rng, method=PixelVLA.generate_action_tokens)
+            return tokens, model.apply(v, o, tokens, method=PixelVLA.discrete_logits)
+
+        return model, decode
+
+    # Near T = 0, sampling returns the most likely *action* token at every step (decoded
+    # with the KV cache, checked against the teacher-forced logits of the same tokens).
+    _, decode = decoder(1e-4)
+    tokens, logits = decode(variables, obs, jax.random.key(0))
+    restricted = np.asarray(logits[:, :7, first : base.tokenizer_vocab_size])
+    np.testing.assert_array_equal(first + np.argmax(restricted, -1), tokens)
+
+    model, decode = decoder(1.0)
+    with pytest.raises(ValueError, match="rng"):
+        model.apply(variables, obs, method=PixelVLA.generate_action_tokens)
+    a, _ = decode(variables, obs, jax.random.key(3))
+    b, _ = decode(variables, obs, jax.random.key(3))
+    c, _ = decode(variables, obs, jax.random.key(4))
+    np.testing.assert_array_equal(a, b)  # seeded: reproducible
+    assert np.any(np.asarray(a) != np.asarray(c))
+    for t in (a, c):
+        assert np.all((np.asarray(t) >= first) & (np.asarray(t) < base.tokenizer_vocab_size))
+    actions = model.apply(variables, obs, jax.random.key(3), method=PixelVLA.predict_actions)
+    np.testing.assert_allclose(actions[:, 0], base.action_tokenizer.detokenize(a))
+    with pytest.raises(ValueError, match="decode_temperature"):
+        base.replace(decode_temperature=-1.0)
+
+
 def _torch_counts():
     from pixelvla_jax.testing.torch_reference import import_timm, import_transformers
 

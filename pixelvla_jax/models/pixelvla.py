@@ -84,6 +84,10 @@ class PixelVLAConfig:
       vision_scan_layers, vision_remat: passed to both ViT towers.
       max_text_tokens, max_prompt_points: shapes of `spec()` observations (the model itself
         accepts any L and P).
+      decode_temperature: discrete head decoding. 0: greedy argmax over the whole vocabulary
+        (OpenVLA); > 0: each action token is sampled from softmax(logits / T) over the
+        `n_action_bins` action tokens only, so the policy can commit to one of several
+        equally likely actions instead of the most likely token per step (needs an rng).
     """
 
     vision: VisionConfig
@@ -102,10 +106,16 @@ class PixelVLAConfig:
     vision_remat: bool = False
     max_text_tokens: int = 48
     max_prompt_points: int = 8
+    decode_temperature: float = 0.0
 
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"PixelVLAConfig.head={self.head!r}; use one of {HEADS}")
+        if not self.decode_temperature >= 0.0:
+            raise ValueError(
+                f"PixelVLAConfig.decode_temperature={self.decode_temperature} must be >= 0 "
+                "(0: greedy decoding)."
+            )
         width = self.llama.width
         for name, dim in (
             ("vision.llm_dim", self.vision.llm_dim),
@@ -360,9 +370,20 @@ class PixelVLA(nn.Module):
         first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
         return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1))
 
+    def _next_token(self, logits: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """[B, V] logits -> [B] int32: greedy argmax, or a sampled action token (see
+        `PixelVLAConfig.decode_temperature`)."""
+        cfg = self.config
+        if cfg.decode_temperature == 0.0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        first = cfg.action_tokenizer.first_token
+        action_logits = logits[:, first : cfg.tokenizer_vocab_size].astype(jnp.float32)
+        choice = jax.random.categorical(rng, action_logits / cfg.decode_temperature, axis=-1)
+        return (first + choice).astype(jnp.int32)
+
     def _decode_step(self, carry, _):
-        """One greedy step: feed the last token into slot `index` of the cache."""
-        cache, key_valid, token, position = carry
+        """One decoding step: feed the last token into slot `index` of the cache."""
+        cache, key_valid, token, position, rng = carry
         index = cache.index
         key_valid = jax.lax.dynamic_update_slice(
             key_valid, jnp.ones((key_valid.shape[0], 1), bool), (0, index)
@@ -370,12 +391,24 @@ class PixelVLA(nn.Module):
         mask = make_cache_attention_mask(key_valid, index, 1)
         hidden, cache = self.llm(self.llm.embed(token[:, None]), position[:, None], mask, cache)
         logits = self.llm.logits(hidden)[:, 0]
-        next_token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return (cache, key_valid, next_token, position + 1), next_token
+        step_rng, rng = jax.random.split(rng) if rng is not None else (None, None)
+        next_token = self._next_token(logits, step_rng)
+        return (cache, key_valid, next_token, position + 1, rng), next_token
 
-    def generate_action_tokens(self, obs: Observation) -> jax.Array:
-        """Prefill the KV cache with the prefix, then greedily decode A tokens: -> [B, A]."""
+    def generate_action_tokens(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
+        """Prefill the KV cache with the prefix, then decode A tokens: -> [B, A].
+
+        Greedy with `decode_temperature` 0; sampled otherwise, from `rng` (required then).
+        """
         cfg = self.config
+        if cfg.decode_temperature > 0.0 and rng is None:
+            raise ValueError(
+                f"decode_temperature={cfg.decode_temperature} samples action tokens: pass an "
+                "rng (a jax.random key) to predict_actions / generate_action_tokens, or set "
+                "decode_temperature=0 for greedy decoding."
+            )
+        if cfg.decode_temperature == 0.0:
+            rng = None
         prefix, valid = self.embed_prefix(obs)
         batch, s = valid.shape
         a = cfg.action_dim
@@ -385,7 +418,8 @@ class PixelVLA(nn.Module):
         hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
         last = self._last_valid(valid)
         first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-        token = jnp.argmax(self.llm.logits(first)[:, 0], axis=-1).astype(jnp.int32)
+        step_rng, rng = jax.random.split(rng) if rng is not None else (None, None)
+        token = self._next_token(self.llm.logits(first)[:, 0], step_rng)
         if a == 1:
             return token[:, None]
         scan = nn.scan(
@@ -394,17 +428,20 @@ class PixelVLA(nn.Module):
             split_rngs={"params": False},
             length=a - 1,
         )
-        carry = (cache, key_valid, token, last + 1)
+        carry = (cache, key_valid, token, last + 1, rng)
         _, rest = scan(self, carry, None)  # [A - 1, B]
         return jnp.concatenate([token[:, None], rest.T], axis=1)
 
     # --- public API ------------------------------------------------------------------------
 
-    def predict_actions(self, obs: Observation) -> jax.Array:
-        """-> [B, N_c, A] normalised actions (discrete head: N_c = 1, bin centres)."""
+    def predict_actions(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
+        """-> [B, N_c, A] normalised actions (discrete head: N_c = 1, bin centres).
+
+        `rng` is used only by the discrete head with `decode_temperature` > 0.
+        """
         if self.config.head == "l1":
             return self.l1_actions(obs)
-        tokens = self.generate_action_tokens(obs)
+        tokens = self.generate_action_tokens(obs, rng)
         return self.config.action_tokenizer.detokenize(tokens)[:, None, :]
 
     def loss(

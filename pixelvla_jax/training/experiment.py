@@ -84,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tiny_depth = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
     c.model.pos_embed_init = "normal"  # ViT towers: "normal" or "sincos2d" (from scratch)
     c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
+    # Discrete head: 0 = greedy (OpenVLA); > 0 = action tokens sampled at this temperature.
+    c.model.decode_temperature = 0.0
     c.model.chunk_size = 8  # N_c
     c.model.use_pixel_encoder = True
     c.model.use_prompt_encoder = True
@@ -248,6 +250,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
         llama=llama,
         action_head=head,
         head=m.head,
+        decode_temperature=float(m.get("decode_temperature", 0.0)),
         use_pixel_encoder=m.use_pixel_encoder and cfg.stage != "cat",
         use_prompt_encoder=m.use_prompt_encoder and cfg.stage != "cat",
         vision_remat=m.remat,
