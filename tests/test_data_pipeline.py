@@ -158,6 +158,55 @@ def test_same_seed_same_batches_and_resume(tokenizer):
         _assert_same(a, next(resumed))
 
 
+class CountingSource(FakeStepSource):
+    """FakeStepSource that counts record reads."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        CountingSource.reads += 1
+        return super().__getitem__(i)
+
+
+def test_cached_samples_give_the_same_batches_and_read_each_record_once(tokenizer):
+    deterministic = dict(augment=False, visual_prompts=False, num_threads=1)
+    make = lambda cache, source: pipeline.make_dataset(  # noqa: E731
+        _cfg(cache_samples=cache, **deterministic),
+        [source],
+        [STATS],
+        tokenizer,
+        process_index=0,
+        process_count=1,
+    )
+    # 3 epochs of 12 samples: the cached pipeline reads each record once.
+    plain = _take(make(False, FakeStepSource(12)), 9)
+    CountingSource.reads = 0
+    cached_ds = make(True, CountingSource(12))
+    cached = _take(cached_ds, 9)
+    for a, b in zip(plain, cached):
+        _assert_same(a, b)
+    assert CountingSource.reads == 12
+    # Resume from a saved position gives the same batches too.
+    it = iter(make(True, CountingSource(12)))
+    next(it)
+    state = it.get_state()
+    resumed = iter(make(True, CountingSource(12)))
+    resumed.set_state(state)
+    _assert_same(next(it), next(resumed))
+    # A random transform cannot be cached: each epoch must draw afresh.
+    for random_part in (dict(augment=True), dict(visual_prompts=True)):
+        kw = {**deterministic, **random_part}
+        with pytest.raises(ValueError, match="deterministic"):
+            pipeline.make_dataset(
+                _cfg(cache_samples=True, **kw),
+                [FakeStepSource(12)],
+                [STATS],
+                tokenizer,
+                process_index=0,
+                process_count=1,
+            )
+
+
 def test_hosts_read_disjoint_shards_covering_the_data(tokenizer):
     n = 24
     cfg = _cfg(num_epochs=1, augment=False, visual_prompts=False)

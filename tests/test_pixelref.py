@@ -177,12 +177,26 @@ def test_config_variants():
     assert _pixelref_config("prompts").data.visual_prompts
     with pytest.raises(ValueError, match="unknown variant"):
         _pixelref_config("huge")
+    # The baseline is the same recipe: only the pixel-level inputs differ.
+    flat = lambda c: {  # noqa: E731
+        f"{group}.{key}": value
+        for group, node in c.to_dict().items()
+        if isinstance(node, dict)
+        for key, value in node.items()
+    }
+    a, b = flat(default), flat(baseline)
+    assert set(a) == set(b)
+    assert {k for k in a if a[k] != b[k]} == {"model.use_pixel_encoder", "model.use_prompt_encoder"}
 
 
-def test_few_training_steps_on_generated_data_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("head", ["l1", "discrete"])
+def test_few_training_steps_on_generated_data_lower_the_loss(tmp_path, head):
     from pixelvla_jax.training import experiment
 
     cfg = _pixelref_config("tiny")
+    cfg.model.head = head  # "discrete": the default recipe's head; "l1": chunks of 4
+    if head == "discrete":
+        cfg.model.chunk_size = cfg.data.action_chunk = 1
     cfg.data.data_dir = str(tmp_path / "data")
     cfg.data.num_threads = 1
     cfg.data_generator.num_episodes = 6

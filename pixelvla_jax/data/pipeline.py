@@ -83,6 +83,10 @@ class DataConfig:
     prefetch_batches: int = 8  # batches read ahead by the threads
     worker_count: int = 0  # > 0: mp_prefetch worker processes
     worker_buffer_size: int = 2  # batches per worker
+    # Keep every transformed sample in memory after its first use (small datasets with a
+    # deterministic transform only: augment, visual_prompts and pixel_mask_dropout off).
+    # The batches are the same as without the cache; later epochs skip decoding.
+    cache_samples: bool = False
 
     @classmethod
     def from_mapping(cls, cfg: Any) -> DataConfig:
@@ -142,6 +146,38 @@ class _TagSource(grain.transforms.Map):
 
     def map(self, element):
         return self.dataset_id, element
+
+
+class _CachedTransformedSource:
+    """A random-access source of transformed samples, each computed once and then kept.
+
+    Only for deterministic transforms (checked by `make_sample_dataset`): the sample of a
+    record is then the same whatever the Grain RNG, so caching it changes no batch.
+    Thread-safe (a dict store is atomic; two threads may compute one sample twice).
+    """
+
+    def __init__(self, source: Any, dataset_id: int, transform: SampleTransform):
+        self.source = source
+        self.dataset_id = dataset_id
+        self.transform = transform
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        sample = self._cache.get(index)
+        if sample is None:
+            element = (self.dataset_id, self.source[index])
+            sample = self.transform.random_map(element, np.random.default_rng(0))
+            self._cache[index] = sample
+        return sample
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}  # worker processes build their own
+        return state
 
 
 def _sample_context(sample: Mapping) -> str:
@@ -330,22 +366,43 @@ def make_sample_dataset(
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
 
+    transform = SampleTransform(cfg, statistics, tokenizer)
+    if cfg.cache_samples:
+        random_parts = [
+            name
+            for name, on in (
+                ("augment", cfg.augment),
+                ("visual_prompts", cfg.visual_prompts),
+                ("pixel_mask_dropout > 0", cfg.pixel_mask_dropout > 0),
+            )
+            if on
+        ]
+        if random_parts:
+            raise ValueError(
+                f"DataConfig.cache_samples needs a deterministic transform, but "
+                f"{', '.join(random_parts)} is on: a cached sample would repeat one random "
+                "draw every epoch. Turn those off or set cache_samples=False."
+            )
     parts, sizes = [], []
     for i, source in enumerate(sources):
+        if cfg.cache_samples:
+            source = _CachedTransformedSource(source, i, transform)
         ds = grain.MapDataset.source(source)
         ds = ds[_process_shard(len(ds), index, count)]
         sizes.append(len(ds))
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * i)
         ds = ds.repeat(cfg.num_epochs)
-        parts.append(ds.map(_TagSource(i)))
+        parts.append(ds if cfg.cache_samples else ds.map(_TagSource(i)))
     w = np.asarray(weights, np.float64)
     if cfg.balance_by_size:
         w = w * np.asarray(sizes, np.float64)
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"mixture weights must be >= 0 and not all 0, got {list(w)}.")
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(w / w.sum()))
-    return mixed.random_map(SampleTransform(cfg, statistics, tokenizer), seed=cfg.seed)
+    if cfg.cache_samples:
+        return mixed  # already transformed
+    return mixed.random_map(transform, seed=cfg.seed)
 
 
 def make_dataset(

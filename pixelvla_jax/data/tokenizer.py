@@ -98,6 +98,10 @@ _PLACES = (
     "on top of the cabinet", "next to the ramekin", "on the wooden cabinet", "into the sink",
 )  # fmt: skip
 _VERBS = ("pick up the", "put the", "move the", "open the", "close the", "push the", "place the")
+# The built-in PixelRef task's objects (envs/pixelref.py): its colour and shape words get
+# pieces of their own, as in Llama's tokenizer, instead of being spelt out letter by letter.
+_PIXELREF_COLOURS = ("red", "green", "blue", "yellow")
+_PIXELREF_SHAPES = ("square", "circle", "triangle")
 
 
 def _tiny_corpus() -> list[str]:
@@ -110,6 +114,11 @@ def _tiny_corpus() -> list[str]:
                 instruction = f"{v} {o} {p}"
                 lines.append(instruction)
                 lines.extend(t.format(instruction=instruction) for t in TEMPLATES.values())
+    for colour in _PIXELREF_COLOURS:
+        for shape in _PIXELREF_SHAPES:
+            instruction = f"pick up the {colour} {shape}"
+            lines.extend([instruction] * 100)
+            lines.extend(t.format(instruction=instruction) for t in TEMPLATES.values())
     lines.append("The quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\"()[]{}<>-_/")
     return lines
 

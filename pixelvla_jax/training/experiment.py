@@ -676,6 +676,15 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
         progress=cfg.train.progress,
     )
     history: list[dict[str, float]] = []
+    # Metrics stay on the device until a log / eval / checkpoint / stop step needs them, so
+    # the host dispatches step k + 1 (and prepares its batch) while step k computes.
+    pending: list[Any] = []
+
+    def fetch_pending() -> None:
+        for metrics in jax.device_get(pending):
+            history.append({k: float(v) for k, v in metrics.items()})
+        pending.clear()
+
     step = exp.start_step
     last_time = time.perf_counter()
     with (
@@ -686,11 +695,20 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
             batch = sharding_lib.shard_batch(next(exp.data_iter), exp.mesh, exp.rules)
             exp.state, metrics = exp.train_step(exp.state, batch)
             step += 1
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            history.append(host)
-            if exp.val_dataset is not None and (step % cfg.train.eval_every == 0 or step == end):
+            pending.append(metrics)
+            validate = exp.val_dataset is not None and (
+                step % cfg.train.eval_every == 0 or step == end
+            )
+            log = step % cfg.train.log_every == 0 or step == end
+            stop = preemption.should_stop(step)
+            save = step % cfg.train.checkpoint_every == 0 or step == end or stop
+            if not (validate or log or save):
+                continue
+            fetch_pending()
+            host = history[-1]
+            if validate:
                 host.update(validation_metrics(exp))
-            if step % cfg.train.log_every == 0 or step == end:
+            if log:
                 now = time.perf_counter()
                 seconds_per_step = (now - last_time) / cfg.train.log_every
                 last_time = now
@@ -702,11 +720,11 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
                         flops, seconds_per_step, peak * len(jax.devices())
                     )
                 writer.write_scalars(step, host)
-            stop = preemption.should_stop(step)
-            if step % cfg.train.checkpoint_every == 0 or step == end or stop:
+            if save:
                 save_checkpoint(exp, step)
             if stop:
                 break
+    fetch_pending()
     exp.checkpointer.wait_until_finished()
     writer.close()
     exp.start_step = step
