@@ -193,7 +193,7 @@ def llama_block_times(config: PixelVLAConfig, batch: int, seq: int, iters: int) 
         num_key_value_heads=ll.num_kv_heads,
     )
     t_model = transformers.LlamaModel(t_cfg)
-    t_x = torch.from_numpy(np.asarray(x)).requires_grad_(True)
+    t_x = torch.from_numpy(np.array(x)).requires_grad_(True)  # a writable copy
     t_pos = torch.arange(seq)[None].expand(batch, seq)
     t_mask = torch.full((seq, seq), float("-inf")).triu(1)[None, None]
 

@@ -138,14 +138,14 @@ class Policy:
                     raise FileNotFoundError(f"No complete checkpoint in {directory}.")
             saved = ckpt.restore(step)
             cfg = ml_collections.ConfigDict(saved.config)
-            _, params = ckpt.restore_params(step, abstract_params(cfg))
-            if decode_temperature is not None:
+            if decode_temperature is not None:  # checked before the params are read
                 if cfg.model.head != "discrete":
                     raise ValueError(
                         f"decode_temperature={decode_temperature} applies to the discrete head; "
                         f"checkpoint {directory}/{step} has head={cfg.model.head!r}."
                     )
                 cfg.model.decode_temperature = float(decode_temperature)
+            _, params = ckpt.restore_params(step, abstract_params(cfg))
         finally:
             ckpt.close()
         stats_by_name = saved.dataset_statistics or {}

@@ -183,3 +183,8 @@ def test_evaluate_writes_results_json_plot_and_gifs(run, tmp_path):
     gifs = sorted(p.name for p in out.glob("*.gif"))
     assert gifs == [f"mask_{episode_seeds(7, 1)[0]}.gif", f"none_{episode_seeds(7, 1)[0]}.gif"]
     assert "mask" in format_table(results) and "chance" in format_table(results)
+
+
+def test_decode_temperature_override_needs_a_discrete_checkpoint(run):
+    with pytest.raises(ValueError, match="discrete head"):
+        Policy.from_checkpoint(run[1], decode_temperature=1.0)

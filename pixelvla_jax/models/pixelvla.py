@@ -370,16 +370,19 @@ class PixelVLA(nn.Module):
         first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
         return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1))
 
-    def _next_token(self, logits: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """[B, V] logits -> [B] int32: greedy argmax, or a sampled action token (see
-        `PixelVLAConfig.decode_temperature`)."""
+    def _next_token(
+        self, logits: jax.Array, rng: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """[B, V] logits -> ([B] int32 token, the rng for the next step): greedy argmax
+        (rng None), or a sampled action token (see `PixelVLAConfig.decode_temperature`)."""
         cfg = self.config
-        if cfg.decode_temperature == 0.0:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if rng is None:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+        step_rng, rng = jax.random.split(rng)
         first = cfg.action_tokenizer.first_token
         action_logits = logits[:, first : cfg.tokenizer_vocab_size].astype(jnp.float32)
-        choice = jax.random.categorical(rng, action_logits / cfg.decode_temperature, axis=-1)
-        return (first + choice).astype(jnp.int32)
+        choice = jax.random.categorical(step_rng, action_logits / cfg.decode_temperature, axis=-1)
+        return (first + choice).astype(jnp.int32), rng
 
     def _decode_step(self, carry, _):
         """One decoding step: feed the last token into slot `index` of the cache."""
@@ -390,9 +393,7 @@ class PixelVLA(nn.Module):
         )
         mask = make_cache_attention_mask(key_valid, index, 1)
         hidden, cache = self.llm(self.llm.embed(token[:, None]), position[:, None], mask, cache)
-        logits = self.llm.logits(hidden)[:, 0]
-        step_rng, rng = jax.random.split(rng) if rng is not None else (None, None)
-        next_token = self._next_token(logits, step_rng)
+        next_token, rng = self._next_token(self.llm.logits(hidden)[:, 0], rng)
         return (cache, key_valid, next_token, position + 1, rng), next_token
 
     def generate_action_tokens(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
@@ -408,7 +409,7 @@ class PixelVLA(nn.Module):
                 "decode_temperature=0 for greedy decoding."
             )
         if cfg.decode_temperature == 0.0:
-            rng = None
+            rng = None  # greedy: `_next_token` takes the argmax when it gets no rng
         prefix, valid = self.embed_prefix(obs)
         batch, s = valid.shape
         a = cfg.action_dim
@@ -418,8 +419,7 @@ class PixelVLA(nn.Module):
         hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
         last = self._last_valid(valid)
         first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-        step_rng, rng = jax.random.split(rng) if rng is not None else (None, None)
-        token = self._next_token(self.llm.logits(first)[:, 0], step_rng)
+        token, rng = self._next_token(self.llm.logits(first)[:, 0], rng)
         if a == 1:
             return token[:, None]
         scan = nn.scan(
