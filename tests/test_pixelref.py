@@ -1,5 +1,6 @@
 """PixelRef task: expert, determinism, exact masks, ambiguity by construction, dataset, training."""
 
+import collections
 import importlib.util
 import os
 
@@ -73,6 +74,23 @@ def test_instruction_is_ambiguous_in_every_episode():
             assert env.objects[i].name in env.instruction
         chances.append(env.chance)
     assert 0.3 < np.mean(chances) <= 0.5
+
+
+def test_scene_alone_does_not_tell_the_named_kind():
+    # With room for it, a second kind appears at least twice (a decoy pair): picking "the
+    # kind seen more than once" is no substitute for reading the instruction.
+    def only_target_kind_repeats(env):
+        counts = collections.Counter(o.name for o in env.objects)
+        target = env.target_object.name
+        room = len(env.objects) - counts[target] >= 2
+        return room, all(n == 1 for kind, n in counts.items() if kind != target)
+
+    rooms = [only_target_kind_repeats(PixelRefEnv(seed)) for seed in SEEDS]
+    assert sum(room for room, _ in rooms) >= len(SEEDS) // 3
+    assert not any(room and only for room, only in rooms)
+    plain = PixelRefConfig(decoy_pair=False)
+    rooms = [only_target_kind_repeats(PixelRefEnv(seed, plain)) for seed in SEEDS]
+    assert sum(room and only for room, only in rooms) >= len(SEEDS) // 4
 
 
 def test_grasping_a_lookalike_or_nothing_fails():

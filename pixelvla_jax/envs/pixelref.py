@@ -5,7 +5,8 @@ from a few colours and shapes, and a gripper. The instruction names the target b
 and shape ("pick up the red square"), but the scene always holds at least one look-alike
 (another red square): only a pixel mask or a visual prompt says which one is meant. A
 policy that cannot see the pixel input succeeds at best with probability
-1 / (number of look-alikes + 1) (`env.chance`).
+1 / (number of look-alikes + 1) (`env.chance`). Where there is room, another kind also
+appears twice (`decoy_pair`), so only the instruction says which kind is meant.
 
 Coordinates: the workspace is [0, 1]^2, x to the right, y down the image; a pixel
 (row r, col c) covers the point ((c + 0.5) / S, (r + 0.5) / S).
@@ -64,6 +65,11 @@ class PixelRefConfig:
     min_objects: int = 3
     max_objects: int = 6
     max_lookalikes: int = 2  # look-alikes of the target besides it (>= 1 always)
+    # Where two or more objects remain to place, two of them share another kind (a decoy
+    # pair), so that the scene alone does not tell which kind is meant: only the
+    # instruction does. Without it the named kind is, in most scenes, the only kind seen
+    # twice, a visual shortcut that spares a policy reading the instruction.
+    decoy_pair: bool = True
     colours: tuple[str, ...] = tuple(COLOURS)
     shapes: tuple[str, ...] = SHAPES
     object_radius: float = 0.075
@@ -162,6 +168,8 @@ def sample_scene(
     shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
     kinds = [(colour, shape)] * (1 + n_look)
     others = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) != (colour, shape)]
+    if cfg.decoy_pair and n - len(kinds) >= 2:
+        kinds += [others[int(rng.integers(len(others)))]] * 2
     for _ in range(n - len(kinds)):
         kinds.append(others[int(rng.integers(len(others)))])
     cells = rng.permutation(cfg.grid * cfg.grid)[: n + 1]
@@ -430,7 +438,7 @@ def generate_dataset(
 
 
 # Bumped whenever the expert or the episode layout changes, so stale data is noticed.
-DATA_VERSION = 2  # 2: DART demonstrations (noisy execution, clean labels)
+DATA_VERSION = 3  # 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs
 GENERATOR_FILE = "generator.json"
 
 
