@@ -129,6 +129,17 @@ def test_stage1_then_stage2_changes_only_trained_params(data_dir, tmp_path):
     # Everything stage 1 had is copied from it (stage 2's chunk, vocab, widths are the same).
     for key, value in p1.items():
         np.testing.assert_array_equal(before[key], value, err_msg=key)
+    # The workdir itself is accepted too (as evaluation accepts it); a wrong path says so.
+    from_workdir = stage2.copy_and_resolve_references()
+    from_workdir.init.from_checkpoint = str(tmp_path / "stage1")
+    exp2b = experiment.setup(from_workdir, str(tmp_path / "stage2b"))
+    same = _flat(exp2b.state.params)
+    exp2b.checkpointer.close()
+    for key, value in p1.items():
+        np.testing.assert_array_equal(same[key], value, err_msg=key)
+    from_workdir.init.from_checkpoint = str(tmp_path / "no_such_run")
+    with pytest.raises(FileNotFoundError, match="init.from_checkpoint.*no_such_run"):
+        experiment.setup(from_workdir, str(tmp_path / "stage2c"))
     experiment.run(exp2)
     exp2.checkpointer.close()
     after = _flat(exp2.state.params)

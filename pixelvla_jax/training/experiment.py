@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init = ml_collections.ConfigDict()
     c.init.openvla_checkpoint = ""  # an OpenVLA HF directory (safetensors + config.json)
-    c.init.from_checkpoint = ""  # a run's checkpoint dir: start from its params (stage 1 -> 2)
+    c.init.from_checkpoint = ""  # a run's workdir (or its checkpoints/): start from its params
 
     c.optim = ml_collections.ConfigDict(
         {k: list(v) if isinstance(v, tuple) else v for k, v in optimizer_lib.DEFAULTS.items()}
@@ -431,7 +431,16 @@ def init_params_fn(model: PixelVLA):
 
 
 def _init_from_previous_run(exp_params: Any, from_dir: str, model_cfg_of) -> Any:
-    """Copies every param that a previous run's newest checkpoint has (stage 1 -> stage 2)."""
+    """Copies every param that a previous run's newest checkpoint has (stage 1 -> stage 2).
+
+    `from_dir` is the previous run's workdir or its `checkpoints/` dir, as for evaluation.
+    """
+    from pixelvla_jax.policy import checkpoint_dir
+
+    try:
+        from_dir = checkpoint_dir(from_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.init.from_checkpoint: {e}") from None
     previous = checkpoint_lib.Checkpointer(from_dir, async_save=False)
     step = previous.latest_complete_step()
     if step is None:
