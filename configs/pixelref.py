@@ -27,6 +27,21 @@ what does not emerge is binding the named kind to its patches: not in 3500 steps
 7000 (with decoy pairs), nor, measured before decoy pairs, with a 128-wide or 3-layer
 LLM, lr 2e-3, batch 64, 4000 episodes, or the text placed before the image tokens.
 
+What blocks it is the look-alikes themselves, not the colour/shape reading. Measured on
+scratch variants of the data (no_pixel, 3500 steps, 200 episodes; blind = 1 / objects):
+  - no look-alikes (recoloured away), colours only: it learns the instruction, 69.5% on
+    such scenes (blind 24%); with the 12 colour-shape kinds only weakly, 29-38%.
+  - that colour-only model on scenes with look-alikes: 18%, stalling between two of them
+    until timeout in 59 of 200 (17% at T = 1 and 1.5): it heads for their average.
+  - look-alikes present, colours only: blind (24%), and still blind (27%) when the
+    expert always takes the look-alike nearest the gripper (labels no longer ambiguous).
+  - 12 kinds, nearest look-alike as the target: blind (23%); half of the episodes
+    without look-alikes: 31% and 24.5% over two data seeds; 2000 steps without
+    look-alikes then 1500 with: 24.5%; larger squares and objects (shapes farther
+    apart in pixels): 23.5%.
+Choosing one of several matching objects from one frame is what the from-scratch model
+does not learn here; OpenVLA and pi0 start from a pretrained VLM instead.
+
 Variants:
   (default)  trained with the target's pixel mask only (no visual prompts)
   prompts    mask and visual prompts (points, lines, boxes, masks) with the pixel mask
