@@ -10,7 +10,6 @@ policy) need nothing else. `load_run(path)` reads a training checkpoint the same
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -34,12 +33,6 @@ class LoadedModel:
     step: int
 
 
-def checkpoint_dir(path: str) -> str:
-    """A run's workdir or its `checkpoints/` directory -> the checkpoints directory."""
-    candidate = os.path.join(path, "checkpoints")
-    return candidate if os.path.isdir(candidate) else path
-
-
 def abstract_params(model_config: PixelVLAConfig, dtype: Any = None) -> Any:
     from pixelvla_jax.training.experiment import init_params_fn
 
@@ -55,9 +48,7 @@ def load_run(path: str, step: int | None = None) -> LoadedModel:
     from pixelvla_jax.training import checkpoint as checkpoint_lib
     from pixelvla_jax.training import experiment
 
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No checkpoint directory at {path} (nor {directory}).")
+    directory = checkpoint_lib.checkpoint_dir(path)
     ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
     try:
         step = ckpt.latest_complete_step() if step is None else step

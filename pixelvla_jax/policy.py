@@ -45,21 +45,6 @@ from pixelvla_jax.models.observation import Observation
 PROMPT_KINDS = ("mask", "points", "box", "line", "none")
 
 
-def checkpoint_dir(path: str | os.PathLike) -> str:
-    """A run's workdir or its `checkpoints/` dir -> the `checkpoints/` dir."""
-    path = os.fspath(path)
-    nested = os.path.join(path, "checkpoints")
-    if os.path.isdir(nested):
-        return nested
-    if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
-        return path
-    raise FileNotFoundError(
-        f"No checkpoints found at {os.path.abspath(path)}: expected a training workdir holding "
-        "checkpoints/<step>/ (python -m pixelvla_jax.train --workdir=DIR) or that checkpoints/ "
-        "directory itself."
-    )
-
-
 class Policy:
     """PixelVLA + the preprocessing and statistics of its training run (see module docstring).
 
@@ -129,7 +114,7 @@ class Policy:
         """
         from pixelvla_jax.training import checkpoint as checkpoint_lib
 
-        directory = checkpoint_dir(path)
+        directory = checkpoint_lib.checkpoint_dir(path)
         ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
         try:
             if step is None:

@@ -100,6 +100,21 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
     )
 
 
+def checkpoint_dir(path: str | os.PathLike) -> str:
+    """A run's workdir or its `checkpoints/` dir -> the `checkpoints/` dir."""
+    path = os.fspath(path)
+    nested = os.path.join(path, "checkpoints")
+    if os.path.isdir(nested):
+        return nested
+    if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
+        return path
+    raise FileNotFoundError(
+        f"No checkpoints found at {os.path.abspath(path)}: expected a training workdir holding "
+        "checkpoints/<step>/ (python -m pixelvla_jax.train --workdir=DIR) or that checkpoints/ "
+        "directory itself."
+    )
+
+
 class Checkpointer:
     """A run's checkpoints: keep the last `max_to_keep`, plus every `keep_period`-th step.
 

@@ -435,10 +435,8 @@ def _init_from_previous_run(exp_params: Any, from_dir: str, model_cfg_of) -> Any
 
     `from_dir` is the previous run's workdir or its `checkpoints/` dir, as for evaluation.
     """
-    from pixelvla_jax.policy import checkpoint_dir
-
     try:
-        from_dir = checkpoint_dir(from_dir)
+        from_dir = checkpoint_lib.checkpoint_dir(from_dir)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config.init.from_checkpoint: {e}") from None
     previous = checkpoint_lib.Checkpointer(from_dir, async_save=False)
