@@ -133,6 +133,64 @@ def test_batch_shapes_dtypes_and_contents(tokenizer):
         assert getattr(spec_obs, field).shape == batches[0][field].shape, field
     all_has = np.concatenate([b["has_pixel_mask"] for b in batches])
     assert all_has.any() and not all_has.all()  # masks absent on every third sample
+    for batch in batches:  # no referred_mask in this data: the target mask stands in
+        np.testing.assert_array_equal(batch["has_grounding_mask"], batch["has_pixel_mask"])
+        np.testing.assert_array_equal(batch["grounding_mask"], batch["pixel_mask"])
+        np.testing.assert_array_equal(batch["has_target_point"], batch["has_pixel_mask"])
+
+
+class ReferredSource(FakeStepSource):
+    """Samples with a target mask and a referred-objects mask (the target's square and a
+    look-alike's)."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self._referred = []
+        for k in range(4):
+            referred = np.asarray(Image.open(io.BytesIO(self._masks[k]))).copy()
+            referred[2:12, 2:12] = 255  # a look-alike in the corner (targets start at 8)
+            self._referred.append(_png(referred))
+
+    def __getitem__(self, i):
+        sample = super().__getitem__(i)
+        sample["pixel_mask"] = self._masks[int(i) % 4]  # every sample has its target's mask
+        sample["referred_mask"] = self._referred[int(i) % 4]
+        return sample
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_grounding_mask_is_the_referred_mask_and_survives_pixel_mask_dropout(tokenizer, augment):
+    cfg = _cfg(pixel_mask_dropout=0.5, augment=augment, batch_size=8)
+    ds = pipeline.make_dataset(
+        cfg, [ReferredSource(40)], [STATS], tokenizer, process_count=1, process_index=0
+    )
+    dropped = kept = 0
+    for batch in _take(ds, 4):
+        assert batch["has_grounding_mask"].all()  # every sample, with or without its mask
+        grounding, pixel, has = (
+            batch["grounding_mask"],
+            batch["pixel_mask"],
+            batch["has_pixel_mask"],
+        )
+        assert set(np.unique(grounding)) <= {0.0, 1.0}
+        # The target (where given) lies inside the referred objects; the look-alike adds more.
+        assert (grounding >= pixel).all()
+        assert (grounding.reshape(8, -1).sum(1) > pixel.reshape(8, -1).sum(1)).all()
+        if not augment:  # same geometry as the target mask: resized with the image
+            corner = grounding[:, : 12 * SIZE // IMG, : 12 * SIZE // IMG]
+            assert (corner[:, 2:-1, 2:-1] == 1.0).all()
+        # The target's centre is kept for every sample (the point tokens' label).
+        assert batch["has_target_point"].all()
+        for k in range(8):
+            x, y = batch["target_point"][k]
+            assert grounding[k, int(y * SIZE), int(x * SIZE)] == 1.0  # inside the target
+            if has[k]:
+                rows, cols = np.nonzero(pixel[k])
+                centre = [(cols.mean() + 0.5) / SIZE, (rows.mean() + 0.5) / SIZE]
+                np.testing.assert_allclose(batch["target_point"][k], centre, atol=1e-6)
+        dropped += int((~has).sum())
+        kept += int(has.sum())
+    assert dropped > 0 and kept > 0
 
 
 def test_same_seed_same_batches_and_resume(tokenizer):

@@ -74,12 +74,14 @@ def test_samples_have_documented_schema(generated, fmt):
     for s in samples:
         assert set(s) == {
             "image", "wrist_image", "proprio", "action_chunk", "action_pad_mask", "instruction",
-            "object_name", "pixel_mask", "dataset_name", "episode_index", "step_index",
+            "object_name", "pixel_mask", "referred_mask", "dataset_name", "episode_index",
+            "step_index",
         }  # fmt: skip
         assert isinstance(s["image"], bytes) and _decode(s["image"]).shape == (*IMAGE_HW, 3)
         assert isinstance(s["wrist_image"], bytes)
         assert bool(s["wrist_image"]) == (fmt == "libero")
         assert isinstance(s["pixel_mask"], bytes)
+        assert s["referred_mask"] == b""  # these datasets carry no referred-objects mask
         assert s["instruction"] == truths[s["episode_index"]]["instruction"]
         assert isinstance(s["episode_index"], int) and isinstance(s["step_index"], int)
     batch = _collate(samples)

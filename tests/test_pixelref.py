@@ -63,6 +63,20 @@ def test_mask_covers_exactly_the_target():
         np.testing.assert_array_equal(changed, mask)
 
 
+def test_referred_mask_is_the_target_and_its_lookalikes():
+    for seed in SEEDS[:50]:
+        env = PixelRefEnv(seed)
+        referred = env.referred_mask().astype(bool)
+        expected = np.zeros_like(referred)
+        for i in [env.target, *env.lookalikes]:
+            expected |= env.object_mask(i).astype(bool)
+        np.testing.assert_array_equal(referred, expected)
+        assert len(env.lookalikes) >= 1 and referred.sum() > env.target_mask().sum()
+        # Every referred pixel shows the named colour: language alone singles them out.
+        colour = np.array(COLOURS[env.target_object.colour], np.uint8)
+        assert (env.image()[referred] == colour).all()
+
+
 def test_instruction_is_ambiguous_in_every_episode():
     chances = []
     for seed in SEEDS:
@@ -156,6 +170,8 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
     first = episodes[0]
     assert sample["instruction"] in (first["instruction"], first["instruction"].encode())
     np.testing.assert_array_equal(image_lib.decode_mask(sample["pixel_mask"]), first["target_mask"])
+    referred = image_lib.decode_mask(sample["referred_mask"])
+    np.testing.assert_array_equal(referred, first["referred_mask"])
     frame = image_lib.decode_image(sample["image"])
     assert frame.shape == (56, 56, 3)
     for k in range(len(first["actions"])):  # JPEG: close to the renders

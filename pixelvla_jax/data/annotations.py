@@ -11,6 +11,10 @@ An annotated RLDS dataset carries, besides its usual step features:
   episode_metadata/has_annotation  Scalar bool: False -> the episode has no usable mask.
   observation/target_mask          Image (PNG, uint8 [H, W, 1]) per step (optional). When present
                                    and nonzero it takes precedence over the episode mask.
+  episode_metadata/referred_mask   Image (PNG, uint8 [H, W, 1]), optional: every object the
+                                   instruction fits on the first frame (the target and its
+                                   look-alikes), the target of the patch-grounding loss; where
+                                   absent, the target mask stands in for it.
 
 Episodes without annotations (or datasets without these features at all) stay usable: their
 samples get `pixel_mask = b""`. The annotation pipeline and the environment datasets write
@@ -32,9 +36,12 @@ STEP_MASK_KEY = "observation/target_mask"
 OBJECT_NAME_KEY = "episode_metadata/target_object"
 GRIPPER_BOX_KEY = "episode_metadata/gripper_box"
 HAS_ANNOTATION_KEY = "episode_metadata/has_annotation"
+REFERRED_MASK_KEY = "episode_metadata/referred_mask"
 
 
-def annotation_features(per_step_mask: bool = False) -> dict[str, dict[str, Any]]:
+def annotation_features(
+    per_step_mask: bool = False, referred_mask: bool = False
+) -> dict[str, dict[str, Any]]:
     """TFDS feature connectors of the annotation, as {"episode_metadata": {...}, "observation": {...}}.
 
     Merge them into a dataset's FeaturesDict (see `generate.rlds_features`). Mask images have
@@ -54,6 +61,8 @@ def annotation_features(per_step_mask: bool = False) -> dict[str, dict[str, Any]
     }
     if per_step_mask:
         feats["observation"]["target_mask"] = mask()
+    if referred_mask:
+        feats["episode_metadata"]["referred_mask"] = mask()
     return feats
 
 
@@ -91,11 +100,13 @@ class EpisodeAnnotation:
 
     mask_png: PNG bytes of the first-frame mask, or b"" when the episode has none.
     object_name: str, "" if none. gripper_box: float32 [4] or None.
+    referred_png: PNG bytes of the referred-objects mask, or b"" (none, or not annotated).
     """
 
     mask_png: bytes
     object_name: str
     gripper_box: np.ndarray | None
+    referred_png: bytes = b""
 
 
 def _lookup(tree: dict, path: str) -> Any:
@@ -145,10 +156,14 @@ def read_episode_annotation(episode: dict, spec: Any) -> EpisodeAnnotation:
     has = get(spec.has_annotation_key)
     mask_value = get(spec.episode_mask_key)
     mask_png = b"" if mask_value is None else _as_bytes(mask_value)
+    referred_value = get(getattr(spec, "referred_mask_key", None))
+    referred_png = b"" if referred_value is None else _as_bytes(referred_value)
     if has is not None and not bool(np.asarray(has)):
-        mask_png = b""
+        mask_png = referred_png = b""
     if mask_png and mask_is_empty(mask_png):
         mask_png = b""
+    if referred_png and mask_is_empty(referred_png):
+        referred_png = b""
     name = get(spec.object_name_key)
     box = get(spec.gripper_box_key)
     if box is not None:
@@ -156,5 +171,8 @@ def read_episode_annotation(episode: dict, spec: Any) -> EpisodeAnnotation:
         if not box.any():
             box = None
     return EpisodeAnnotation(
-        mask_png=mask_png, object_name="" if name is None else _as_text(name), gripper_box=box
+        mask_png=mask_png,
+        object_name="" if name is None else _as_text(name),
+        gripper_box=box,
+        referred_png=referred_png,
     )

@@ -129,8 +129,12 @@ def rlds_features(
     per_step_mask: bool = False,
     wrist: bool = True,
     drop_features: Sequence[str] = (),
+    referred_mask: bool = False,
 ) -> dict[str, Any]:
     """Nested dict of TFDS features of the raw `fmt` layout ("libero", "bridge", "fractal").
+
+    `with_annotations` adds the pixel-annotation features (`annotations.annotation_features`,
+    with the per-step mask and the referred-objects mask as asked).
 
     `drop_features` removes step features by path (e.g. "observation/state"), to make broken
     datasets for error tests.
@@ -177,7 +181,7 @@ def rlds_features(
     step.update(common)
     metadata: dict[str, Any] = {"file_path": tfds.features.Text()}
     if with_annotations:
-        extra = ann.annotation_features(per_step_mask=per_step_mask)
+        extra = ann.annotation_features(per_step_mask=per_step_mask, referred_mask=referred_mask)
         metadata.update(extra["episode_metadata"])
         obs.update(extra["observation"])
     for path in drop_features:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -189,11 +191,11 @@ def _colour_jitter(pil: Image.Image, rng: np.random.Generator, cfg: AugmentConfi
 
 def augment(
     image,
-    mask: np.ndarray | None,
+    mask: np.ndarray | Sequence[np.ndarray] | None,
     rng: np.random.Generator,
     cfg: AugmentConfig = AugmentConfig(),
     size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, Any]:
     """OpenVLA's train-time augmentation with the same random crop applied to the mask.
 
     The crop is taken from the given frame and resampled once to `size` (default: the
@@ -202,26 +204,32 @@ def augment(
 
     Args:
       image: uint8 [H, W, 3] (or a PIL RGB image). mask: [H, W] (bool / uint8 / float;
-        > 0.5 is object) or None.
+        > 0.5 is object), a list of such masks (each cropped the same way), or None.
       rng: numpy Generator (the pipeline seeds it from (seed, sample index)).
       size: output side S (default: keep H x W).
     Returns:
-      (uint8 [S, S, 3], float32 [S, S] in {0, 1} or None).
+      (uint8 [S, S, 3], float32 [S, S] in {0, 1}, or a list of them, or None).
     """
     pil = _as_pil_rgb(image)
     w, h = pil.size
     out_size = (size, size) if size else (w, h)
-    if mask is not None and np.shape(mask) != (h, w):
-        raise ValueError(
-            f"augment: mask shape {np.shape(mask)} does not match image shape {(h, w, 3)}."
-        )
+    masks = [] if mask is None else list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    for m in masks:
+        if np.shape(m) != (h, w):
+            raise ValueError(
+                f"augment: mask shape {np.shape(m)} does not match image shape {(h, w, 3)}."
+            )
     if not cfg.enabled:
         out = np.asarray(pil.resize(out_size, Image.LANCZOS) if out_size != (w, h) else pil)
-        return out, None if mask is None else _crop_mask(mask, (0, 0, w, h), out_size)
-    box = _random_crop_box(rng, w, h, cfg)
-    cropped = pil.resize(out_size, Image.BILINEAR, box=box)
-    out_mask = None if mask is None else _crop_mask(mask, box, out_size)
-    return np.asarray(_colour_jitter(cropped, rng, cfg)), out_mask
+        box = (0, 0, w, h)
+    else:
+        box = _random_crop_box(rng, w, h, cfg)
+        cropped = pil.resize(out_size, Image.BILINEAR, box=box)
+        out = np.asarray(_colour_jitter(cropped, rng, cfg))
+    out_masks = [_crop_mask(m, box, out_size) for m in masks]
+    if mask is None:
+        return out, None
+    return out, out_masks if isinstance(mask, (list, tuple)) else out_masks[0]
 
 
 def to_uint8(image) -> np.ndarray:

@@ -50,6 +50,10 @@ BATCH_KEYS = (
     "action_pad_mask",
     "proprio",
     "dataset_id",
+    "grounding_mask",
+    "has_grounding_mask",
+    "target_point",
+    "has_target_point",
 )
 
 
@@ -132,6 +136,10 @@ def batch_spec(cfg: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         "action_pad_mask": ((b, cfg.action_chunk), np.dtype(bool)),
         "proprio": ((b, cfg.proprio_dim), np.dtype(np.float32)),
         "dataset_id": ((b,), np.dtype(np.int32)),
+        "grounding_mask": ((b, s, s), np.dtype(np.float32)),
+        "has_grounding_mask": ((b,), np.dtype(bool)),
+        "target_point": ((b, 2), np.dtype(np.float32)),
+        "has_target_point": ((b,), np.dtype(bool)),
     }
 
 
@@ -178,6 +186,30 @@ class _CachedTransformedSource:
         state = dict(self.__dict__)
         state["_cache"] = {}  # worker processes build their own
         return state
+
+
+def _decode_sample_mask(sample: Mapping, key: str, image_hw: tuple[int, int]) -> np.ndarray | None:
+    """The sample's encoded mask `key` -> float32 [H, W] in {0, 1}, or None (absent)."""
+    data = sample.get(key, b"")
+    if data is None or len(data) == 0:
+        return None
+    mask = image_lib.decode_mask(data)
+    if mask.shape != tuple(image_hw):
+        raise ValueError(
+            f"{key} shape {mask.shape} does not match image shape {(*image_hw, 3)} "
+            f"({_sample_context(sample)})."
+        )
+    return mask
+
+
+def _mask_centroid(mask: np.ndarray | None) -> np.ndarray | None:
+    """[S, S] mask -> its centroid (x, y) in [0, 1] of the image (pixel (r, c) covers
+    ((c + 0.5) / S, (r + 0.5) / S)), or None for no or an empty mask."""
+    if mask is None or not mask.any():
+        return None
+    rows, cols = np.nonzero(mask > 0.5)
+    h, w = mask.shape
+    return np.array([(cols.mean() + 0.5) / w, (rows.mean() + 0.5) / h], np.float32)
 
 
 def _sample_context(sample: Mapping) -> str:
@@ -238,27 +270,38 @@ class SampleTransform(grain.transforms.RandomMap):
         size = cfg.image_size
 
         image = image_lib.decode_pil(sample["image"], "RGB")
-        mask = None
-        mask_bytes = sample.get("pixel_mask", b"")
-        if mask_bytes is not None and len(mask_bytes) > 0:
-            mask = image_lib.decode_mask(mask_bytes)
-            if mask.shape != image.size[::-1]:
-                raise ValueError(
-                    f"pixel_mask shape {mask.shape} does not match image shape "
-                    f"{(*image.size[::-1], 3)} "
-                    f"({_sample_context(sample)})."
-                )
+        mask = _decode_sample_mask(sample, "pixel_mask", image.size[::-1])
+        dropped = False
+        if mask is not None:
             dropped = cfg.pixel_mask_dropout > 0 and rng.random() < cfg.pixel_mask_dropout
-            if dropped or not mask.any():
+            if not mask.any():
                 mask = None
+        # The patch-grounding target: the objects the instruction fits where the data says
+        # (referred_mask), else the target itself; kept when the pixel input is dropped.
+        grounding = _decode_sample_mask(sample, "referred_mask", image.size[::-1])
+        if grounding is None or not grounding.any():
+            grounding = mask
+        # Both masks go through the image's geometry as the two channels of one array.
+        both = None
+        if mask is not None or grounding is not None:
+            zeros = np.zeros(image.size[::-1], np.float32)
+            both = [zeros if m is None else m for m in (mask, grounding)]
         if cfg.augment:
             # One resampling from the source frame: the geometry of resize_image + crop.
-            image, mask = image_lib.augment(image, mask, rng, cfg.augment_cfg, size=size)
+            image, both = image_lib.augment(image, both, rng, cfg.augment_cfg, size=size)
         else:
             image = image_lib.resize_image(image, size)
-            mask = None if mask is None else image_lib.resize_mask(mask, size)
+            both = None if both is None else [image_lib.resize_mask(m, size) for m in both]
+        target = None  # the target's mask after the geometry, dropped as an input or not
+        if both is not None:
+            target = None if mask is None else both[0]
+            mask = None if dropped else target
+            grounding = None if grounding is None else both[1]
+        point = _mask_centroid(target)
         if mask is not None and not mask.any():
             mask = None  # the crop or the resize removed the object
+        if grounding is not None and not grounding.any():
+            grounding = None
         if cfg.visual_prompts:
             prompt = prompts.sample_visual_prompt(
                 mask, rng, cfg.prompt_cfg, image_size=(size, size)
@@ -301,6 +344,12 @@ class SampleTransform(grain.transforms.RandomMap):
             "action_pad_mask": np.asarray(sample["action_pad_mask"], bool),
             "proprio": proprio_out,
             "dataset_id": np.int32(dataset_id),
+            "grounding_mask": (
+                grounding if grounding is not None else np.zeros((size, size), np.float32)
+            ),
+            "has_grounding_mask": np.bool_(grounding is not None),
+            "target_point": np.zeros(2, np.float32) if point is None else point,
+            "has_target_point": np.bool_(point is not None),
         }
 
 

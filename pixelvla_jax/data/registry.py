@@ -44,6 +44,7 @@ class DatasetSpec:
     object_name_key: str | None = ann.OBJECT_NAME_KEY
     gripper_box_key: str | None = ann.GRIPPER_BOX_KEY
     has_annotation_key: str | None = ann.HAS_ANNOTATION_KEY
+    referred_mask_key: str | None = ann.REFERRED_MASK_KEY
 
     def __post_init__(self):
         if self.gripper_convention not in GRIPPER_CONVENTIONS:

@@ -41,7 +41,7 @@ from pixelvla_jax.data import rlds
 from pixelvla_jax.data.registry import DatasetSpec, get_spec
 from pixelvla_jax.data.trajectory import chunk_actions, standardize_gripper
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: referred_masks.array_record
 _RECORD_MAGIC = b"PVS1"
 _NUM_BLOBS = 3  # image, wrist image, per-step mask
 
@@ -157,6 +157,7 @@ class _Builder:
         self.source_indices: list[int] = []
         self.gripper_boxes: list[np.ndarray] = []
         self.episode_masks: list[bytes] = []
+        self.referred_masks: list[bytes] = []
         self.num_empty_episodes = 0
 
     def _episode_id(self, episode: dict, e: int) -> str:
@@ -206,6 +207,10 @@ class _Builder:
                     instruction = rlds.as_text(get(spec.instruction_key))
                     if annotation.mask_png:
                         self._check_mask(annotation.mask_png, image, spec.episode_mask_key, label)
+                    if annotation.referred_png:
+                        self._check_mask(
+                            annotation.referred_png, image, spec.referred_mask_key, label
+                        )
                 actions.append(
                     _concat_features(step, spec.action_keys, dataset=dataset, episode=label, t=t)
                 )
@@ -233,6 +238,7 @@ class _Builder:
             box = annotation.gripper_box
             self.gripper_boxes.append(np.full(4, np.nan, np.float32) if box is None else box)
             self.episode_masks.append(annotation.mask_png)
+            self.referred_masks.append(annotation.referred_png)
         self.instructions = list(instruction_table)
 
     def _check_actions(self, actions: np.ndarray, label: str) -> np.ndarray:
@@ -259,6 +265,7 @@ class _Builder:
                 f"dataset {self.dataset!r} in {self.source.version_dir} has no non-empty episodes"
             )
         _write_records(os.path.join(out_dir, "episode_masks.array_record"), self.episode_masks)
+        _write_records(os.path.join(out_dir, "referred_masks.array_record"), self.referred_masks)
         lengths = np.asarray(self.lengths, np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         arrays = {
@@ -290,6 +297,7 @@ class _Builder:
             "episode_ids": self.episode_ids,
             "source_episode_index": self.source_indices,
             "has_episode_mask": [bool(m) for m in self.episode_masks],
+            "has_referred_mask": [bool(m) for m in self.referred_masks],
         }
         with open(os.path.join(out_dir, "metadata.json"), "w") as f:
             json.dump(metadata, f)
@@ -364,8 +372,10 @@ class StepIndex:
         self.step_episode = load("step_episode")
         self.gripper_boxes = load("gripper_boxes")
         self.has_episode_mask = np.asarray(self.metadata["has_episode_mask"], bool)
+        self.has_referred_mask = np.asarray(self.metadata["has_referred_mask"], bool)
         self.frames = RecordFile(os.path.join(path, "frames.array_record"))
         self.episode_masks = RecordFile(os.path.join(path, "episode_masks.array_record"))
+        self.referred_masks = RecordFile(os.path.join(path, "referred_masks.array_record"))
 
     @property
     def key(self) -> str:
@@ -402,6 +412,10 @@ class StepIndex:
         """PNG of episode e's first-frame mask, or b"" (no read when the episode has none)."""
         return self.episode_masks.read(e) if self.has_episode_mask[e] else b""
 
+    def read_referred_mask(self, e: int) -> bytes:
+        """PNG of episode e's referred-objects mask, or b"" (none)."""
+        return self.referred_masks.read(e) if self.has_referred_mask[e] else b""
+
 
 def open_step_index(
     dataset_dir: str | os.PathLike,
@@ -424,6 +438,7 @@ class StepDataset:
       proprio float32 [P] (raw), action_chunk float32 [N_c, A] (standardised, unnormalised;
       the episode's last action repeated past its end), action_pad_mask bool [N_c],
       instruction str, object_name str, pixel_mask bytes (PNG, image's H x W) or b"",
+      referred_mask bytes (PNG: every object the instruction fits) or b"",
       dataset_name str, episode_index int, step_index int.
     Reading a sample reads its own step record (and its episode's mask record when it has
     one), never the episode: the cost does not depend on episode length.
@@ -496,6 +511,7 @@ class StepDataset:
             "instruction": self._instructions[index.instruction_ids[e]],
             "object_name": self._object_names[e],
             "pixel_mask": step_mask or index.read_episode_mask(e),
+            "referred_mask": index.read_referred_mask(e),
             "dataset_name": index.dataset_name,
             "episode_index": e,
             "step_index": t,

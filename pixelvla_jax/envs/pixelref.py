@@ -22,8 +22,9 @@ The scripted expert (`expert_action`) moves straight to the target and closes wh
 Gaussian noise (`expert_noise`), the recorded label is the expert's clean correction from
 wherever the noise led, so the data covers the off-centre states a learned policy reaches.
 `generate_dataset` writes expert episodes as an RLDS ArrayRecord dataset in the LIBERO
-layout with the pixel-annotation features (episode-level target mask and object name),
-registered in the dataset registry as "pixelref".
+layout with the pixel-annotation features (episode-level target mask, object name, and the
+referred-objects mask: the target and its look-alikes), registered in the dataset registry
+as "pixelref".
 
     env = PixelRefEnv(seed=3)
     while not env.done:
@@ -251,6 +252,14 @@ class PixelRefEnv:
         """uint8 [S, S]: exactly the target object's pixels (the oracle pixel input)."""
         return self.object_mask(self.target)
 
+    def referred_mask(self) -> np.ndarray:
+        """uint8 [S, S]: every object the instruction fits (the target and its look-alikes),
+        what language alone singles out: the patch-grounding target."""
+        mask = self.target_mask()
+        for i in self.lookalikes:
+            mask = mask | self.object_mask(i)
+        return mask
+
     def image(self) -> np.ndarray:
         """uint8 [S, S, 3]: the scene with the gripper drawn on top."""
         frame = self._scene.copy()
@@ -344,6 +353,7 @@ def expert_episode(seed: int, cfg: PixelRefConfig | None = None) -> dict[str, An
         "actions": np.stack(actions).astype(np.float32),
         "states": np.stack(states),
         "target_mask": env.target_mask(),
+        "referred_mask": env.referred_mask(),
         "instruction": env.instruction,
         "object_name": env.target_object.name,
         "success": env.success,
@@ -384,6 +394,7 @@ def _rlds_episode(index: int, ep: dict[str, Any]) -> dict[str, Any]:
         "episode_metadata": {
             "file_path": f"pixelref/episode_{index}",
             "target_mask": ann.encode_mask_png(ep["target_mask"]),
+            "referred_mask": ann.encode_mask_png(ep["referred_mask"]),
             "target_object": ep["object_name"],
             "gripper_box": box,
             "has_annotation": True,
@@ -422,7 +433,11 @@ def generate_dataset(
     # positions, 2500 steps, 100 episodes): 81% success trained on JPEG frames, 32% on
     # lossless PNG ones (JPEG's noise acts as an augmentation; evaluation renders are exact).
     features = generate.rlds_features(
-        "libero", (cfg.image_size, cfg.image_size), with_annotations=True, wrist=True
+        "libero",
+        (cfg.image_size, cfg.image_size),
+        with_annotations=True,
+        wrist=True,
+        referred_mask=True,
     )
 
     path = generate.write_rlds_dataset(
@@ -438,7 +453,8 @@ def generate_dataset(
 
 
 # Bumped whenever the expert or the episode layout changes, so stale data is noticed.
-DATA_VERSION = 3  # 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs
+# 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs; 4: referred masks.
+DATA_VERSION = 4
 GENERATOR_FILE = "generator.json"
 
 
