@@ -9,11 +9,14 @@ On the built-in PixelRef task (every instruction has a look-alike of its target)
      or nothing;
   2. trains the same recipe without pixel inputs (`:no_pixel`) and evaluates it on the same
      episodes; it should stay near the chance rate the look-alikes imply.
-The dataset is generated into `--data_dir` if absent (not timed as training, but inside the
-total). Prints one table and ends with one `BENCH {...}` JSON line with the targets:
-the whole run <= 15 minutes, success with mask >= 90%, the no-pixel baseline within 10
-points of chance. Also printed: the rate of a policy that ignores the instruction and picks
-any object, which is where a baseline that never learnt the language lands.
+The dataset is generated into `--data_dir` if absent. Prints one table and ends with one
+`BENCH {...}` JSON line with the issue's targets: the whole run (generate the data, train
+the default config, evaluate it on every prompt kind) <= 15 minutes, success with mask >=
+90%, the no-pixel baseline within 10 points of chance; the bench's own total (both models)
+is reported as `bench_min`. Also printed: the rate of a policy that ignores the
+instruction and picks any object, which is where a baseline that never learnt the
+language lands, and per row the share of episodes closed on an object of the named kind
+(the target or a look-alike).
 """
 
 from __future__ import annotations
@@ -82,35 +85,48 @@ def main(argv):
         figures["chance"] = round(results["chance_rate"], 4)
         for kind, rate in results["success"].items():
             figures[f"{variant}/{kind}"] = round(rate, 4)
-            rows.append((variant, kind, rate))
+            # Closed on an object of the named kind (the target or a look-alike): the
+            # instruction was read, whichever of the matching objects was taken.
+            outcomes = results["outcomes"][kind]
+            named = (outcomes.get("target", 0) + outcomes.get("look-alike", 0)) / max(
+                sum(outcomes.values()), 1
+            )
+            figures[f"{variant}/{kind}/named_kind"] = round(named, 4)
+            rows.append((variant, kind, rate, named))
         print(
             f"{variant}: trained {len(history)} steps in {t1 - t0:.0f} s, evaluated in "
             f"{t2 - t1:.0f} s",
             flush=True,
         )
+        if variant == "default":  # data generation included
+            figures["whole_run_min"] = round((t2 - start) / 60, 2)
     # A policy blind to the instruction picks any object: 1 / (objects in the scene), on the
     # episodes just evaluated (every variant runs the same seeds).
     blind = [1 / len(PixelRefEnv(e["seed"]).objects) for e in results["episodes"]["none"]]
     figures["chance_any_object"] = round(float(np.mean(blind)), 4)
     total = time.perf_counter() - start
-    figures["total_min"] = round(total / 60, 2)
+    figures["bench_min"] = round(total / 60, 2)
     chance = figures["chance"]
 
     print(f"\nPixelRef, {_EPISODES.value} seeded episodes per row (chance {chance:.1%})")
-    print(f"{'trained on':<12}{'given':<8}{'success':>9}")
-    for variant, kind, rate in rows:
+    print(f"{'trained on':<12}{'given':<8}{'success':>9}{'named kind':>12}")
+    for variant, kind, rate, named in rows:
         trained = "masks" if variant == "default" else "no pixels"
-        print(f"{trained:<12}{kind:<8}{rate:>9.1%}")
+        print(f"{trained:<12}{kind:<8}{rate:>9.1%}{named:>12.1%}")
     print(
         f"chance: {chance:.1%} picking among the target and its look-alikes (the named kind), "
         f"{figures['chance_any_object']:.1%} picking any object (the instruction unread)"
     )
-    print(f"total {total / 60:.1f} min")
+    print(
+        f"the whole run (data, default config trained and evaluated): "
+        f"{figures['whole_run_min']:.1f} min; the bench with the no-pixel model: "
+        f"{total / 60:.1f} min"
+    )
 
     baseline_gap = abs(figures["no_pixel/none"] - chance)
     figures["no_pixel_gap_to_chance"] = round(baseline_gap, 4)
     targets = {
-        "total_min": [figures["total_min"], "<=", 15],
+        "whole_run_min": [figures["whole_run_min"], "<=", 15],
         "mask_success": [figures["default/mask"], ">=", 0.90],
         "no_pixel_gap_to_chance": [figures["no_pixel_gap_to_chance"], "<=", 0.10],
     }

@@ -15,6 +15,7 @@ from pixelvla_jax.models.pixelvla import (
     PixelVLAConfig,
     abstract_variables,
     count_params,
+    mask_centroid,
 )
 from pixelvla_jax.models.prompt_encoder import PromptEncoder
 from pixelvla_jax.testing.tiny_openvla import fast_random_params
@@ -244,6 +245,96 @@ def test_discrete_head_sampled_decoding():
     np.testing.assert_allclose(actions[:, 0], base.action_tokenizer.detokenize(a))
     with pytest.raises(ValueError, match="decode_temperature"):
         base.replace(decode_temperature=-1.0)
+
+
+def test_mask_centroid_in_image_coordinates():
+    mask = np.zeros((3, 56, 56), np.float32)
+    mask[0, 2:6, 10:14] = 1.0  # rows 2-5, cols 10-13
+    mask[1, 40, 7] = 1.0
+    point, valid = mask_centroid(jnp.asarray(mask), jnp.asarray([True, True, True]))
+    np.testing.assert_allclose(point[0], [12.0 / 56, 4.0 / 56], atol=1e-6)
+    np.testing.assert_allclose(point[1], [7.5 / 56, 40.5 / 56], atol=1e-6)
+    np.testing.assert_array_equal(valid, [1.0, 1.0, 0.0])  # an empty mask has no point
+    _, valid = mask_centroid(jnp.asarray(mask), jnp.asarray([False, True, True]))
+    np.testing.assert_array_equal(valid, [0.0, 1.0, 0.0])
+
+
+def test_grounding_text_first_point_tokens_and_patch_loss():
+    config = PixelVLAConfig.tiny(
+        head="discrete",
+        use_prompt_encoder=False,
+        text_first=True,
+        target_point_tokens=True,
+        patch_grounding_weight=0.5,
+    )
+    model = PixelVLA(config)
+    obs = _obs(config, seed=2)
+    first_mask = obs.pixel_mask[0]  # both samples carry a target mask, at different places
+    obs = obs.replace(
+        pixel_mask=jnp.stack([first_mask, first_mask[::-1, ::-1]]),
+        has_pixel_mask=jnp.ones(B, bool),
+    )
+    variables = _random_variables(config, seed=1)
+    assert variables["params"]["patch_grounding"]["kernel"].shape == (config.llama.width, 1)
+
+    # Prefix: BOS and the padded text first, then the vision and pixel tokens (all valid).
+    emb, valid = model.apply(variables, obs, method=PixelVLA.embed_prefix)
+    text = model.apply(variables, obs.tokens, method=lambda m, t: m.llm.embed(t))
+    n_text = config.max_text_tokens
+    np.testing.assert_allclose(emb[:, :n_text], text)
+    np.testing.assert_array_equal(valid[:, :n_text], obs.token_mask)
+    assert np.asarray(valid[:, n_text:]).all()
+
+    @jax.jit
+    def decode(v, o):
+        tokens = model.apply(v, o, method=PixelVLA.generate_tokens)
+        logits = model.apply(v, o, tokens, method=PixelVLA.discrete_logits)
+        actions = model.apply(v, o, method=PixelVLA.predict_actions)
+        return tokens, logits, actions
+
+    tokens, logits, actions = decode(variables, obs)
+    assert config.num_decoded_tokens == 9 and tokens.shape == (B, 9)
+    # The cache decodes from the last prefix token (not the last text token) with RoPE
+    # positions that skip the text padding: the same tokens as teacher forcing.
+    np.testing.assert_array_equal(np.argmax(logits[:, :9], -1), tokens)
+    np.testing.assert_allclose(actions[:, 0], config.action_tokenizer.detokenize(tokens[:, 2:]))
+    padded = obs.replace(
+        tokens=jnp.pad(obs.tokens, ((0, 0), (0, 8))),
+        token_mask=jnp.pad(obs.token_mask, ((0, 0), (0, 8))),
+    )
+    np.testing.assert_array_equal(decode(variables, padded)[0], tokens)
+
+    target = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, 1, 7)), jnp.float32)
+    pad_mask = jnp.ones((B, 1), bool)
+    loss, metrics = model.apply(variables, obs, target, pad_mask, method=PixelVLA.loss)
+    assert set(metrics) >= {"action_loss", "patch_grounding", "target_point_error"}
+    np.testing.assert_allclose(
+        loss, metrics["action_loss"] + 0.5 * metrics["patch_grounding"], rtol=1e-6
+    )
+    # Without a mask there is nothing to ground: no patch loss, the point tokens unweighted.
+    no_mask = obs.replace(has_pixel_mask=jnp.zeros(B, bool))
+    _, m0 = model.apply(variables, no_mask, target, pad_mask, method=PixelVLA.loss)
+    assert float(m0["patch_grounding"]) == 0.0 and float(m0["target_point_error"]) == 0.0
+
+    trainable = ("llm", "vision", "projector", "patch_grounding")
+    tx, step = _train_step(model, obs, target, pad_mask, trainable, 3e-3)
+    params = variables["params"]
+    opt_state = tx.init({k: params[k] for k in trainable})
+    history = []
+    for _ in range(8):
+        params, opt_state, _, metrics = step(params, opt_state)
+        history.append({k: float(metrics[k]) for k in ("action_loss", "patch_grounding")})
+    assert history[-1]["action_loss"] < 0.8 * history[0]["action_loss"], history
+    assert history[-1]["patch_grounding"] < history[0]["patch_grounding"], history
+
+
+def test_grounding_options_are_checked():
+    with pytest.raises(ValueError, match="head='discrete'"):
+        PixelVLAConfig.tiny(head="l1", target_point_tokens=True)
+    with pytest.raises(ValueError, match="text_first=True"):
+        PixelVLAConfig.tiny(patch_grounding_weight=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        PixelVLAConfig.tiny(text_first=True, patch_grounding_weight=-1.0)
 
 
 def _torch_counts():

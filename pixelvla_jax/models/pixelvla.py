@@ -11,6 +11,19 @@ without a mask or prompt gets the encoders' learned "absent" tokens, under the s
 RoPE positions count only valid tokens (`positions_from_mask`), so the text padding
 leaves positions contiguous and the suffix continues right after the last real token.
 
+`text_first=True` puts the instruction before the image instead,
+
+    [BOS] [text tokens after BOS, right-padded to L-1] [E_v] [E_p] [E_s] [suffix]
+
+so that, under causal attention, every image token sees the instruction (with the image
+first, only the tokens after it can bind words to patches). It is what
+`patch_grounding_weight` needs: an auxiliary loss that asks each image token's last hidden
+state whether its patch shows an object the instruction names (BCE against the data's
+referred-objects mask, else the target mask, pooled onto the patch grid), dense
+supervision for reading the instruction off the image. From-scratch models
+(configs/pixelref.py) learn to ground the instruction this way; OpenVLA checkpoints keep
+their image-first order.
+
 The suffix depends on the head:
 - `head="l1"`: `N_c * A` action slots (a learned embedding per slot), attended
   bidirectionally among themselves and causally to the prefix; their last hidden states go
@@ -20,6 +33,10 @@ The suffix depends on the head:
   those A tokens and of EOS (A + 1 positions), nothing else. Inference prefills the KV
   cache with the prefix and greedily decodes A tokens (argmax over the whole padded
   vocabulary, as OpenVLA's `generate`), then maps them to bin centres: chunk size 1.
+  `target_point_tokens=True` prepends two tokens to the action: the target's centre (x, y)
+  in [0, 1] of the image, binned like actions and learnt from the target mask's centroid
+  (grounding before acting, as ECoT's bounding boxes). Sampled first, the point commits the
+  action tokens to one object where the instruction fits several.
 
 Entry points (all jit-able, static shapes):
     model = PixelVLA(config)
@@ -88,6 +105,11 @@ class PixelVLAConfig:
         (OpenVLA); > 0: each action token is sampled from softmax(logits / T) over the
         `n_action_bins` action tokens only, so the policy can commit to one of several
         equally likely actions instead of the most likely token per step (needs an rng).
+      text_first: the instruction before the image tokens (see the module docstring).
+      target_point_tokens: discrete head: decode the target's centre (2 tokens) before the
+        action tokens, trained on the target mask's centroid (see `loss`).
+      patch_grounding_weight: > 0 adds that weight times the per-patch target BCE to the loss
+        (needs `text_first`: image tokens must see the instruction).
     """
 
     vision: VisionConfig
@@ -107,6 +129,9 @@ class PixelVLAConfig:
     max_text_tokens: int = 48
     max_prompt_points: int = 8
     decode_temperature: float = 0.0
+    text_first: bool = False
+    target_point_tokens: bool = False
+    patch_grounding_weight: float = 0.0
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -115,6 +140,21 @@ class PixelVLAConfig:
             raise ValueError(
                 f"PixelVLAConfig.decode_temperature={self.decode_temperature} must be >= 0 "
                 "(0: greedy decoding)."
+            )
+        if self.target_point_tokens and self.head != "discrete":
+            raise ValueError(
+                "PixelVLAConfig.target_point_tokens decodes the target's point as tokens before "
+                f"the action tokens: it needs head='discrete', got head={self.head!r}."
+            )
+        if not self.patch_grounding_weight >= 0.0:
+            raise ValueError(
+                f"PixelVLAConfig.patch_grounding_weight={self.patch_grounding_weight} must be >= 0."
+            )
+        if self.patch_grounding_weight > 0.0 and not self.text_first:
+            raise ValueError(
+                "PixelVLAConfig.patch_grounding_weight > 0 trains image tokens to find the target "
+                "the instruction names, but with the image first they cannot see the "
+                "instruction: set text_first=True as well."
             )
         width = self.llama.width
         for name, dim in (
@@ -151,6 +191,11 @@ class PixelVLAConfig:
     def chunk_size(self) -> int:
         """N_c actions per prediction (1 for the discrete head)."""
         return self.action_head.chunk_size if self.head == "l1" else 1
+
+    @property
+    def num_decoded_tokens(self) -> int:
+        """Discrete head: tokens decoded per prediction (target point, if any, + actions)."""
+        return self.action_dim + (2 if self.target_point_tokens else 0)
 
     @property
     def action_dim(self) -> int:
@@ -275,6 +320,8 @@ class PixelVLA(nn.Module):
                 self.param_dtype,
             )
             self.action_head = L1ActionHead(cfg.action_head, **kw)
+        if cfg.patch_grounding_weight > 0.0:
+            self.patch_grounding = nn.Dense(1, name="patch_grounding", **kw)
 
     # --- sequence ----------------------------------------------------------------------------
 
@@ -295,8 +342,15 @@ class PixelVLA(nn.Module):
         fused, siglip_levels = self.vision(obs.image, levels)
         vision_tokens = self.projector(fused).astype(self.dtype)
         text = self.llm.embed(obs.tokens)
-        parts = [text[:, :1], vision_tokens]
-        valid = [jnp.ones((batch, 1 + vision_tokens.shape[1]), bool)]
+        if cfg.text_first:
+            parts = [text, vision_tokens]
+            valid = [
+                jnp.asarray(obs.token_mask, bool),
+                jnp.ones((batch, vision_tokens.shape[1]), bool),
+            ]
+        else:
+            parts = [text[:, :1], vision_tokens]
+            valid = [jnp.ones((batch, 1 + vision_tokens.shape[1]), bool)]
         if cfg.use_pixel_encoder:
             e_p = self.pixel_encoder(siglip_levels, obs.pixel_mask, obs.has_pixel_mask)
             parts.append(e_p.astype(self.dtype))
@@ -307,8 +361,9 @@ class PixelVLA(nn.Module):
             )
             parts.append(e_s.astype(self.dtype))
             valid.append(jnp.ones(e_s.shape[:2], bool))
-        parts.append(text[:, 1:])
-        valid.append(jnp.asarray(obs.token_mask[:, 1:], bool))
+        if not cfg.text_first:
+            parts.append(text[:, 1:])
+            valid.append(jnp.asarray(obs.token_mask[:, 1:], bool))
         embeddings = jnp.concatenate(parts, axis=1)
         embeddings = nn.with_logical_constraint(embeddings, ("batch", "length", "embed"))
         return embeddings, jnp.concatenate(valid, axis=1)
@@ -322,15 +377,48 @@ class PixelVLA(nn.Module):
         hidden, _ = self.llm(embeddings, positions, mask)
         return hidden
 
-    @staticmethod
-    def _last_valid(valid: jax.Array) -> jax.Array:
-        """[B, S] -> [B] index of the last prefix token (prefix tokens are contiguous)."""
+    def _last_index(self, valid: jax.Array) -> jax.Array:
+        """[B, S] -> [B] index of the last prefix token: the last valid one when the text
+        (right-padded) ends the prefix, else S - 1 (image and pixel tokens are all valid)."""
+        if self.config.text_first:
+            return jnp.full(valid.shape[:1], valid.shape[1] - 1, jnp.int32)
         return jnp.sum(valid.astype(jnp.int32), axis=1) - 1
+
+    def _vision_start(self, obs: Observation) -> int:
+        """Index of the first vision token in the prefix."""
+        return obs.tokens.shape[1] if self.config.text_first else 1
+
+    def _patch_grounding_loss(
+        self, target_mask: jax.Array, has_mask: jax.Array, hidden: jax.Array, obs: Observation
+    ) -> tuple[jax.Array, jax.Array]:
+        """Per-patch BCE of the image tokens' hidden states against `target_mask` [B, H, W]
+        pooled onto the patch grid (fraction of each patch covered). -> (loss, weight [B])."""
+        n = self.config.vision.num_patches
+        grid = int(round(n**0.5))
+        batch, size = target_mask.shape[:2]
+        if grid * grid != n or size % grid:
+            raise ValueError(
+                f"patch grounding pools the pixel mask ({size} px) onto a square grid of {n} "
+                "patches: the mask side must be a multiple of the grid side."
+            )
+        cell = size // grid
+        mask = jnp.asarray(target_mask, jnp.float32).reshape(batch, grid, cell, grid, cell)
+        target = mask.mean(axis=(2, 4)).reshape(batch, n)
+        start = self._vision_start(obs)
+        logits = self.patch_grounding(hidden[:, start : start + n])[..., 0].astype(jnp.float32)
+        bce = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        weight = jnp.asarray(has_mask, jnp.float32) * (target.sum(-1) > 0)
+        loss = jnp.sum(bce.mean(-1) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        return loss, weight
 
     # --- L1 head -----------------------------------------------------------------------------
 
     def l1_actions(self, obs: Observation) -> jax.Array:
         """One forward pass: -> [B, N_c, A] normalised actions."""
+        return self._l1_forward(obs)[0]
+
+    def _l1_forward(self, obs: Observation) -> tuple[jax.Array, jax.Array]:
+        """-> ([B, N_c, A] normalised actions, [B, S + K, D] last hidden states)."""
         cfg = self.config
         if cfg.head != "l1":
             raise ValueError("l1_actions needs head='l1'")
@@ -348,7 +436,7 @@ class PixelVLA(nn.Module):
         hidden = self._run_llm(embeddings, valid, bidirectional)
         if self.is_initializing():  # create lm_head, which the OpenVLA checkpoint carries
             self.llm.logits(hidden[:, :1])
-        return self.action_head(hidden[:, s:])
+        return self.action_head(hidden[:, s:]), hidden
 
     # --- discrete head -------------------------------------------------------------------------
 
@@ -360,15 +448,20 @@ class PixelVLA(nn.Module):
         Returns:
           [B, A + 1, V]: row 0 is read at the last prompt token, row i at action token i.
         """
+        return self._discrete_forward(obs, action_tokens)[0]
+
+    def _discrete_forward(
+        self, obs: Observation, action_tokens: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """-> (`discrete_logits`, [B, S + A, D] last hidden states)."""
         prefix, valid = self.embed_prefix(obs)
         batch, s = valid.shape
         a = action_tokens.shape[1]
         embeddings = jnp.concatenate([prefix, self.llm.embed(action_tokens)], axis=1)
         full_valid = jnp.concatenate([valid, jnp.ones((batch, a), bool)], axis=1)
         hidden = self._run_llm(embeddings, full_valid, jnp.zeros_like(full_valid))
-        last = self._last_valid(valid)
-        first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
-        return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1))
+        first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
+        return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1)), hidden
 
     def _next_token(
         self, logits: jax.Array, rng: jax.Array | None
@@ -401,6 +494,12 @@ class PixelVLA(nn.Module):
 
         Greedy with `decode_temperature` 0; sampled otherwise, from `rng` (required then).
         """
+        tokens = self.generate_tokens(obs, rng)
+        return tokens[:, tokens.shape[1] - self.config.action_dim :]
+
+    def generate_tokens(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
+        """`generate_action_tokens` with the target point's 2 tokens first when
+        `target_point_tokens` is on: -> [B, num_decoded_tokens]."""
         cfg = self.config
         if cfg.decode_temperature > 0.0 and rng is None:
             raise ValueError(
@@ -412,13 +511,12 @@ class PixelVLA(nn.Module):
             rng = None  # greedy: `_next_token` takes the argmax when it gets no rng
         prefix, valid = self.embed_prefix(obs)
         batch, s = valid.shape
-        a = cfg.action_dim
+        a = cfg.num_decoded_tokens
         cache = KVCache.init(cfg.llama, batch, s + a, dtype=self.dtype)
         key_valid = jnp.concatenate([valid, jnp.zeros((batch, a), bool)], axis=1)
         mask = make_cache_attention_mask(key_valid, 0, s)
         hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
-        last = self._last_valid(valid)
-        first = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+        first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
         token, rng = self._next_token(self.llm.logits(first)[:, 0], rng)
         if a == 1:
             return token[:, None]
@@ -428,7 +526,8 @@ class PixelVLA(nn.Module):
             split_rngs={"params": False},
             length=a - 1,
         )
-        carry = (cache, key_valid, token, last + 1, rng)
+        next_position = jnp.sum(valid.astype(jnp.int32), axis=1)  # RoPE counts valid tokens
+        carry = (cache, key_valid, token, next_position, rng)
         _, rest = scan(self, carry, None)  # [A - 1, B]
         return jnp.concatenate([token[:, None], rest.T], axis=1)
 
@@ -445,13 +544,26 @@ class PixelVLA(nn.Module):
         return self.config.action_tokenizer.detokenize(tokens)[:, None, :]
 
     def loss(
-        self, obs: Observation, actions: jax.Array, action_pad_mask: jax.Array
+        self,
+        obs: Observation,
+        actions: jax.Array,
+        action_pad_mask: jax.Array,
+        grounding_mask: jax.Array | None = None,
+        has_grounding_mask: jax.Array | None = None,
+        target_point: jax.Array | None = None,
+        has_target_point: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Training loss.
 
         Args:
           actions: [B, N_c, A] normalised target actions.
           action_pad_mask: [B, N_c] bool, True on real actions.
+          grounding_mask, has_grounding_mask: [B, H, W], [B]: the patch-grounding target
+            (every object the instruction fits; the data pipeline's `grounding_mask`).
+            None: the observation's pixel mask (the target alone).
+          target_point, has_target_point: [B, 2] (x, y) in [0, 1], [B]: what the point tokens
+            learn (the pipeline's centroid of the target mask, kept where the pixel input
+            was dropped). None: the centroid of the observation's pixel mask.
         Returns:
           (scalar loss, metrics dict of scalars / [A] vectors).
         """
@@ -470,43 +582,102 @@ class PixelVLA(nn.Module):
                     f"actions has a chunk of {actions.shape[1]}, the L1 head predicts "
                     f"N_c={cfg.chunk_size} (action_head.chunk_size)"
                 )
-            pred = self.l1_actions(obs)
+            pred, hidden = self._l1_forward(obs)
             loss = l1_loss(pred, actions, action_pad_mask)
-            return loss, {
-                "loss": loss,
+            metrics = {
                 "l1": loss,
                 "l1_per_dim": l1_per_dimension(pred, actions, action_pad_mask),
             }
+        else:
+            if target_point is None:
+                target_point, has_target_point = mask_centroid(obs.pixel_mask, obs.has_pixel_mask)
+            point = (target_point, jnp.asarray(has_target_point, jnp.float32))
+            loss, metrics, hidden = self._discrete_loss(obs, actions, action_pad_mask, point)
+        if cfg.patch_grounding_weight > 0.0:
+            if grounding_mask is None:
+                grounding_mask, has_grounding_mask = obs.pixel_mask, obs.has_pixel_mask
+            grounding, _ = self._patch_grounding_loss(
+                grounding_mask, has_grounding_mask, hidden, obs
+            )
+            metrics["patch_grounding"] = grounding
+            metrics["action_loss"] = loss
+            loss = loss + cfg.patch_grounding_weight * grounding
+        return loss, {"loss": loss, **metrics}
+
+    def _discrete_loss(
+        self,
+        obs: Observation,
+        actions: jax.Array,
+        action_pad_mask: jax.Array,
+        target: tuple[jax.Array, jax.Array],
+    ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+        """Token cross-entropy of the first action (and the target point, if decoded)."""
+        cfg = self.config
         tokenizer = cfg.action_tokenizer
+        a = cfg.action_dim
         action_tokens = tokenizer.tokenize(jnp.asarray(actions[:, 0], jnp.float32))
         batch = action_tokens.shape[0]
+        action_weight = jnp.asarray(action_pad_mask[:, 0], jnp.float32)
+        tokens, weights = [action_tokens], [jnp.repeat(action_weight[:, None], a + 1, axis=1)]
+        if cfg.target_point_tokens:
+            point, has_point = target
+            tokens.insert(0, tokenizer.tokenize(point * 2.0 - 1.0))
+            weights.insert(0, jnp.repeat((has_point * action_weight)[:, None], 2, axis=1))
+        tokens = jnp.concatenate(tokens, axis=1)
+        weight = jnp.concatenate(weights, axis=1)  # [B, T + 1]: T tokens, then EOS
         eos = jnp.full((batch, 1), cfg.eos_token_id, jnp.int32)
-        targets = jnp.concatenate([action_tokens, eos], axis=1)  # [B, A + 1]
-        logits = self.discrete_logits(obs, action_tokens).astype(jnp.float32)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        targets = jnp.concatenate([tokens, eos], axis=1)
+        logits, hidden = self._discrete_forward(obs, tokens)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        weight = jnp.asarray(action_pad_mask[:, 0], jnp.float32)[:, None]
-        denom = jnp.maximum(jnp.sum(weight) * targets.shape[1], 1.0)
-        loss = jnp.sum(nll * weight) / denom
-        predicted = jnp.argmax(logits, axis=-1)
-        correct = (predicted == targets).astype(jnp.float32) * weight
-        a = cfg.action_dim
-        accuracy = jnp.sum(correct[:, :a]) / jnp.maximum(jnp.sum(weight) * a, 1.0)
-        decoded = tokenizer.detokenize(predicted[:, :a].astype(jnp.int32))
-        l1 = jnp.sum(jnp.abs(decoded - actions[:, 0]) * weight) / jnp.maximum(
-            jnp.sum(weight) * a, 1.0
-        )
-        return loss, {"loss": loss, "action_accuracy": accuracy, "l1": l1}
+        loss = jnp.sum(nll * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        first = tokens.shape[1] - a  # the action tokens' first position
+        act_weight = weight[:, first : first + a]
+        correct = (predicted[:, first : first + a] == action_tokens).astype(jnp.float32)
+        denom = jnp.maximum(jnp.sum(act_weight), 1.0)
+        decoded = tokenizer.detokenize(predicted[:, first : first + a])
+        metrics = {
+            "action_accuracy": jnp.sum(correct * act_weight) / denom,
+            "l1": jnp.sum(jnp.abs(decoded - actions[:, 0]) * act_weight) / denom,
+        }
+        if cfg.target_point_tokens:
+            point_weight = weight[:, :2]
+            guess = (tokenizer.detokenize(predicted[:, :2]) + 1.0) / 2.0
+            metrics["target_point_error"] = jnp.sum(
+                jnp.abs(guess - point) * point_weight
+            ) / jnp.maximum(jnp.sum(point_weight), 1.0)
+        return loss, metrics, hidden
 
     def __call__(self, obs: Observation) -> jax.Array:
         """For `init`: creates every param. L1: [B, N_c, A] actions; discrete: the logits
-        [B, V] of the first action token (prefix only, no cache)."""
+        [B, V] of the first decoded token (prefix only, no cache)."""
         if self.config.head == "l1":
-            return self.l1_actions(obs)
-        prefix, valid = self.embed_prefix(obs)
-        hidden = self._run_llm(prefix, valid, jnp.zeros_like(valid))
-        first = jnp.take_along_axis(hidden, self._last_valid(valid)[:, None, None], axis=1)
-        return self.llm.logits(first)[:, 0]
+            actions, hidden = self._l1_forward(obs)
+        else:
+            prefix, valid = self.embed_prefix(obs)
+            hidden = self._run_llm(prefix, valid, jnp.zeros_like(valid))
+            first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
+            actions = self.llm.logits(first)[:, 0]
+        if self.config.patch_grounding_weight > 0.0:
+            # Creates the grounding head's params.
+            self._patch_grounding_loss(obs.pixel_mask, obs.has_pixel_mask, hidden, obs)
+        return actions
+
+
+def mask_centroid(pixel_mask: jax.Array, has_pixel_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Centroid of each mask in [0, 1] image coordinates (x right, y down; a pixel (r, c)
+    covers ((c + 0.5) / W, (r + 0.5) / H)): [B, H, W], [B] -> ([B, 2], [B] float 0/1 valid)."""
+    mask = jnp.asarray(pixel_mask, jnp.float32)
+    h, w = mask.shape[1:]
+    area = jnp.sum(mask, axis=(1, 2))
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    safe = jnp.maximum(area, 1e-6)
+    x = jnp.sum(mask * xs[None, None, :], axis=(1, 2)) / safe
+    y = jnp.sum(mask * ys[None, :, None], axis=(1, 2)) / safe
+    valid = jnp.asarray(has_pixel_mask, jnp.float32) * (area > 0)
+    return jnp.stack([x, y], axis=-1), valid
 
 
 def abstract_variables(

@@ -86,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
     # Discrete head: 0 = greedy (OpenVLA); > 0 = action tokens sampled at this temperature.
     c.model.decode_temperature = 0.0
+    # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
+    # against the target mask at this weight (needs text_first); the discrete head decodes
+    # the target's centre as 2 tokens before the action.
+    c.model.text_first = False
+    c.model.patch_grounding_weight = 0.0
+    c.model.target_point_tokens = False
     c.model.chunk_size = 8  # N_c
     c.model.use_pixel_encoder = True
     c.model.use_prompt_encoder = True
@@ -251,6 +257,9 @@ def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
         action_head=head,
         head=m.head,
         decode_temperature=float(m.get("decode_temperature", 0.0)),
+        text_first=bool(m.get("text_first", False)),
+        patch_grounding_weight=float(m.get("patch_grounding_weight", 0.0)),
+        target_point_tokens=bool(m.get("target_point_tokens", False)),
         use_pixel_encoder=m.use_pixel_encoder and cfg.stage != "cat",
         use_prompt_encoder=m.use_prompt_encoder and cfg.stage != "cat",
         vision_remat=m.remat,
@@ -388,8 +397,11 @@ class Experiment:
 
 def sequence_length(cfg: ml_collections.ConfigDict, model_cfg: PixelVLAConfig) -> int:
     """LLM tokens per example: prefix (BOS, vision, pixel/prompt tokens, text) + suffix
-    (the L1 head's action slots, or the discrete head's 7 action tokens + EOS)."""
-    suffix = model_cfg.num_action_slots if cfg.model.head == "l1" else model_cfg.action_dim + 1
+    (the L1 head's action slots, or the discrete head's decoded tokens + EOS)."""
+    if cfg.model.head == "l1":
+        suffix = model_cfg.num_action_slots
+    else:
+        suffix = model_cfg.num_decoded_tokens + 1
     return model_cfg.prefix_length(cfg.data.max_tokens) + suffix
 
 
@@ -405,6 +417,10 @@ def make_loss_fn(model: PixelVLA):
             batch_to_observation(batch),
             batch["actions"],
             batch["action_pad_mask"],
+            batch.get("grounding_mask"),
+            batch.get("has_grounding_mask"),
+            batch.get("target_point"),
+            batch.get("has_target_point"),
             method=PixelVLA.loss,
         )
         out = {}
