@@ -39,6 +39,19 @@ def _random_variables(config: PixelVLAConfig, seed: int = 0) -> dict:
     return {"params": fast_random_params(abstract_variables(config)["params"], seed)}
 
 
+def _fit(model, variables, obs, actions, pad_mask, trainable, lr: float, steps: int):
+    """`steps` Adam steps on the `trainable` top-level param groups (the rest frozen):
+    -> (final params, [metrics of each step])."""
+    tx, step = _train_step(model, obs, actions, pad_mask, trainable, lr)
+    params = variables["params"]
+    opt_state = tx.init({k: params[k] for k in trainable})
+    history = []
+    for _ in range(steps):
+        params, opt_state, _, metrics = step(params, opt_state)
+        history.append(metrics)
+    return params, history
+
+
 def _train_step(model, obs, actions, pad_mask, trainable: tuple[str, ...], lr: float):
     """A jitted Adam step on the `trainable` top-level param groups (the rest frozen)."""
     tx = optax.adam(lr)
@@ -161,14 +174,9 @@ def test_l1_loss_goes_down_with_adam(l1_model):
     pad_mask = jnp.asarray(np.arange(config.chunk_size)[None] < np.array([[4], [3]]))
     # Stage 2 (PUE) trains the new modules; the backbone stays frozen.
     trainable = ("pixel_encoder", "prompt_encoder", "action_slots", "action_head")
-    tx, step = _train_step(model, obs, actions, pad_mask, trainable, 1e-3)
-    params = variables["params"]
-    opt_state = tx.init({k: params[k] for k in trainable})
-    losses = []
-    for _ in range(6):
-        params, opt_state, loss, metrics = step(params, opt_state)
-        losses.append(float(loss))
-    assert metrics["l1_per_dim"].shape == (7,)
+    params, history = _fit(model, variables, obs, actions, pad_mask, trainable, 1e-3, 6)
+    losses = [float(m["loss"]) for m in history]
+    assert history[-1]["l1_per_dim"].shape == (7,)
     assert losses[-1] < 0.7 * losses[0], losses
     np.testing.assert_array_equal(params["llm"]["norm"]["scale"], 1.0)  # frozen
 
@@ -197,14 +205,10 @@ def test_discrete_head_cache_decoding_and_loss():
     # OpenVLA's loss (7 action tokens + EOS) goes down; accuracy reported.
     target = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, 1, 7)), jnp.float32)
     pad_mask = jnp.ones((B, 1), bool)
-    tx, step = _train_step(model, obs, target, pad_mask, ("llm", "pixel_encoder"), 3e-3)
-    params = variables["params"]
-    opt_state = tx.init({k: params[k] for k in ("llm", "pixel_encoder")})
-    losses = []
-    for _ in range(6):
-        params, opt_state, loss, metrics = step(params, opt_state)
-        losses.append(float(loss))
-    assert set(metrics) >= {"loss", "action_accuracy", "l1"}
+    trainable = ("llm", "pixel_encoder")
+    _, history = _fit(model, variables, obs, target, pad_mask, trainable, 3e-3, 6)
+    losses = [float(m["loss"]) for m in history]
+    assert set(history[-1]) >= {"loss", "action_accuracy", "l1"}
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -317,13 +321,8 @@ def test_grounding_text_first_point_tokens_and_patch_loss():
     assert float(m0["patch_grounding"]) == 0.0 and float(m0["target_point_error"]) == 0.0
 
     trainable = ("llm", "vision", "projector", "patch_grounding")
-    tx, step = _train_step(model, obs, target, pad_mask, trainable, 3e-3)
-    params = variables["params"]
-    opt_state = tx.init({k: params[k] for k in trainable})
-    history = []
-    for _ in range(8):
-        params, opt_state, _, metrics = step(params, opt_state)
-        history.append({k: float(metrics[k]) for k in ("action_loss", "patch_grounding")})
+    _, steps = _fit(model, variables, obs, target, pad_mask, trainable, 3e-3, 8)
+    history = [{k: float(m[k]) for k in ("action_loss", "patch_grounding")} for m in steps]
     assert history[-1]["action_loss"] < 0.8 * history[0]["action_loss"], history
     assert history[-1]["patch_grounding"] < history[0]["patch_grounding"], history
 
