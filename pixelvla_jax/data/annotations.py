@@ -156,7 +156,7 @@ def read_episode_annotation(episode: dict, spec: Any) -> EpisodeAnnotation:
     has = get(spec.has_annotation_key)
     mask_value = get(spec.episode_mask_key)
     mask_png = b"" if mask_value is None else _as_bytes(mask_value)
-    referred_value = get(getattr(spec, "referred_mask_key", None))
+    referred_value = get(spec.referred_mask_key)
     referred_png = b"" if referred_value is None else _as_bytes(referred_value)
     if has is not None and not bool(np.asarray(has)):
         mask_png = referred_png = b""

@@ -191,7 +191,7 @@ def _colour_jitter(pil: Image.Image, rng: np.random.Generator, cfg: AugmentConfi
 
 def augment(
     image,
-    mask: np.ndarray | Sequence[np.ndarray] | None,
+    mask: np.ndarray | Sequence[np.ndarray | None] | None,
     rng: np.random.Generator,
     cfg: AugmentConfig = AugmentConfig(),
     size: int | None = None,
@@ -204,7 +204,8 @@ def augment(
 
     Args:
       image: uint8 [H, W, 3] (or a PIL RGB image). mask: [H, W] (bool / uint8 / float;
-        > 0.5 is object), a list of such masks (each cropped the same way), or None.
+        > 0.5 is object), or None; or a list of such masks (each cropped the same way,
+        None entries stay None).
       rng: numpy Generator (the pipeline seeds it from (seed, sample index)).
       size: output side S (default: keep H x W).
     Returns:
@@ -213,9 +214,10 @@ def augment(
     pil = _as_pil_rgb(image)
     w, h = pil.size
     out_size = (size, size) if size else (w, h)
-    masks = [] if mask is None else list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    several = isinstance(mask, (list, tuple))
+    masks = list(mask) if several else [mask]
     for m in masks:
-        if np.shape(m) != (h, w):
+        if m is not None and np.shape(m) != (h, w):
             raise ValueError(
                 f"augment: mask shape {np.shape(m)} does not match image shape {(h, w, 3)}."
             )
@@ -226,10 +228,8 @@ def augment(
         box = _random_crop_box(rng, w, h, cfg)
         cropped = pil.resize(out_size, Image.BILINEAR, box=box)
         out = np.asarray(_colour_jitter(cropped, rng, cfg))
-    out_masks = [_crop_mask(m, box, out_size) for m in masks]
-    if mask is None:
-        return out, None
-    return out, out_masks if isinstance(mask, (list, tuple)) else out_masks[0]
+    out_masks = [None if m is None else _crop_mask(m, box, out_size) for m in masks]
+    return out, out_masks if several else out_masks[0]
 
 
 def to_uint8(image) -> np.ndarray:

@@ -204,8 +204,8 @@ def _decode_sample_mask(sample: Mapping, key: str, image_hw: tuple[int, int]) ->
 
 def _mask_centroid(mask: np.ndarray | None) -> np.ndarray | None:
     """[S, S] mask -> its centroid (x, y) in [0, 1] of the image (pixel (r, c) covers
-    ((c + 0.5) / S, (r + 0.5) / S)), or None for no or an empty mask."""
-    if mask is None or not mask.any():
+    ((c + 0.5) / S, (r + 0.5) / S)), or None for no mask."""
+    if mask is None:
         return None
     rows, cols = np.nonzero(mask > 0.5)
     h, w = mask.shape
@@ -270,38 +270,32 @@ class SampleTransform(grain.transforms.RandomMap):
         size = cfg.image_size
 
         image = image_lib.decode_pil(sample["image"], "RGB")
-        mask = _decode_sample_mask(sample, "pixel_mask", image.size[::-1])
-        dropped = False
-        if mask is not None:
-            dropped = cfg.pixel_mask_dropout > 0 and rng.random() < cfg.pixel_mask_dropout
-            if not mask.any():
-                mask = None
+        target = _decode_sample_mask(sample, "pixel_mask", image.size[::-1])
+        dropped = (
+            target is not None
+            and cfg.pixel_mask_dropout > 0
+            and rng.random() < cfg.pixel_mask_dropout
+        )
         # The patch-grounding target: the objects the instruction fits where the data says
-        # (referred_mask), else the target itself; kept when the pixel input is dropped.
+        # (referred_mask), else the target itself. Unlike the pixel input, the target's mask
+        # and centre stay labels when the input is dropped.
         grounding = _decode_sample_mask(sample, "referred_mask", image.size[::-1])
         if grounding is None or not grounding.any():
-            grounding = mask
-        # Both masks go through the image's geometry as the two channels of one array.
-        both = None
-        if mask is not None or grounding is not None:
-            zeros = np.zeros(image.size[::-1], np.float32)
-            both = [zeros if m is None else m for m in (mask, grounding)]
+            grounding = target
         if cfg.augment:
             # One resampling from the source frame: the geometry of resize_image + crop.
-            image, both = image_lib.augment(image, both, rng, cfg.augment_cfg, size=size)
+            image, (target, grounding) = image_lib.augment(
+                image, [target, grounding], rng, cfg.augment_cfg, size=size
+            )
         else:
             image = image_lib.resize_image(image, size)
-            both = None if both is None else [image_lib.resize_mask(m, size) for m in both]
-        target = None  # the target's mask after the geometry, dropped as an input or not
-        if both is not None:
-            target = None if mask is None else both[0]
-            mask = None if dropped else target
-            grounding = None if grounding is None else both[1]
+            target, grounding = (
+                None if m is None else image_lib.resize_mask(m, size) for m in (target, grounding)
+            )
+        # None where the crop or the resize removed the object (or there was none).
+        target, grounding = (None if m is None or not m.any() else m for m in (target, grounding))
+        mask = None if dropped else target
         point = _mask_centroid(target)
-        if mask is not None and not mask.any():
-            mask = None  # the crop or the resize removed the object
-        if grounding is not None and not grounding.any():
-            grounding = None
         if cfg.visual_prompts:
             prompt = prompts.sample_visual_prompt(
                 mask, rng, cfg.prompt_cfg, image_size=(size, size)

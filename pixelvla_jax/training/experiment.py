@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Discrete head: 0 = greedy (OpenVLA); > 0 = action tokens sampled at this temperature.
     c.model.decode_temperature = 0.0
     # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
-    # against the target mask at this weight (needs text_first); the discrete head decodes
-    # the target's centre as 2 tokens before the action.
+    # at this weight against the referred-objects mask, else the target mask (needs
+    # text_first); the discrete head decodes the target's centre as 2 tokens before the action.
     c.model.text_first = False
     c.model.patch_grounding_weight = 0.0
     c.model.target_point_tokens = False
