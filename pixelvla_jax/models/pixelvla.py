@@ -53,6 +53,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from pixelvla_jax.models import llama as llama_lib
 from pixelvla_jax.models.action_heads import (
@@ -390,9 +391,10 @@ class PixelVLA(nn.Module):
 
     def _patch_grounding_loss(
         self, target_mask: jax.Array, has_mask: jax.Array, hidden: jax.Array, obs: Observation
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> jax.Array:
         """Per-patch BCE of the image tokens' hidden states against `target_mask` [B, H, W]
-        pooled onto the patch grid (fraction of each patch covered). -> (loss, weight [B])."""
+        pooled onto the patch grid (fraction of each patch covered), averaged over the
+        samples that have a non-empty mask. -> scalar."""
         n = self.config.vision.num_patches
         grid = int(round(n**0.5))
         batch, size = target_mask.shape[:2]
@@ -406,10 +408,10 @@ class PixelVLA(nn.Module):
         target = mask.mean(axis=(2, 4)).reshape(batch, n)
         start = self._vision_start(obs)
         logits = self.patch_grounding(hidden[:, start : start + n])[..., 0].astype(jnp.float32)
-        bce = jnp.maximum(logits, 0.0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        bce = optax.sigmoid_binary_cross_entropy(logits, target)
         weight = jnp.asarray(has_mask, jnp.float32) * (target.sum(-1) > 0)
         loss = jnp.sum(bce.mean(-1) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-        return loss, weight
+        return loss
 
     # --- L1 head -----------------------------------------------------------------------------
 
@@ -596,9 +598,7 @@ class PixelVLA(nn.Module):
         if cfg.patch_grounding_weight > 0.0:
             if grounding_mask is None:
                 grounding_mask, has_grounding_mask = obs.pixel_mask, obs.has_pixel_mask
-            grounding, _ = self._patch_grounding_loss(
-                grounding_mask, has_grounding_mask, hidden, obs
-            )
+            grounding = self._patch_grounding_loss(grounding_mask, has_grounding_mask, hidden, obs)
             metrics["patch_grounding"] = grounding
             metrics["action_loss"] = loss
             loss = loss + cfg.patch_grounding_weight * grounding
