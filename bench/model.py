@@ -57,8 +57,8 @@ from pixelvla_jax.testing.torch_reference import (  # noqa: E402
     import_torch,
     import_transformers,
 )
-from pixelvla_jax.training.experiment import UNUSED_BY_L1  # noqa: E402
-from pixelvla_jax.training.policy import FROZEN, TRAINED, param_labels  # noqa: E402
+from pixelvla_jax.training.config import UNUSED_BY_L1  # noqa: E402
+from pixelvla_jax.training.param_rules import FROZEN, TRAINED, param_labels  # noqa: E402
 
 IMAGE = 112
 WIDTH = 768

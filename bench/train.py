@@ -52,6 +52,7 @@ from pixelvla_jax.models.pixelvla import PixelVLAConfig  # noqa: E402
 from pixelvla_jax.models.prompt_encoder import PromptEncoderConfig  # noqa: E402
 from pixelvla_jax.models.vision import VisionConfig  # noqa: E402
 from pixelvla_jax.models.vit import ViTConfig  # noqa: E402
+from pixelvla_jax.training import config as config_lib  # noqa: E402
 from pixelvla_jax.training import experiment, memory_plan, metrics  # noqa: E402
 from pixelvla_jax.training import sharding as sharding_lib  # noqa: E402
 
@@ -92,7 +93,7 @@ def mid_model_config(base: PixelVLAConfig, image_size: int) -> PixelVLAConfig:
 
 
 def bench_config(stage: str, batch_size: int, image_size: int):
-    cfg = experiment.base_config()
+    cfg = config_lib.base_config()
     cfg.stage = stage
     cfg.model.dtype = "float32"
     cfg.model.lora.rank = 32 if stage == "pue" else 0
@@ -146,7 +147,7 @@ def bench_stage(stage: str, args) -> dict[str, float]:
     """Compiles one stage's step, then times `args.steps` steps, each next to a fresh
     measurement of the matmul peak (on a shared CPU both see the same contention)."""
     cfg = bench_config(stage, args.batch_size, args.image_size)
-    model_cfg = mid_model_config(experiment.model_config(cfg), args.image_size)
+    model_cfg = mid_model_config(config_lib.model_config(cfg), args.image_size)
     step = memory_plan.abstract_step(cfg, model_cfg=model_cfg)
     summary = memory_plan.summarize_state(step)
     with sharding_lib.sharding_context(step.mesh, step.rules):

@@ -9,7 +9,7 @@ only the L1 action decoder (and its action-slot embeddings) is trained. Stage 2 
 configs/pixel160k.py, started from this run's checkpoint.
 """
 
-from pixelvla_jax.training.experiment import base_config, use_openvla_7b, use_tiny
+from pixelvla_jax.training.config import base_config, use_openvla_7b, use_tiny
 
 
 def get_config(variant: str = "full"):

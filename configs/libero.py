@@ -9,7 +9,7 @@ Variants: spatial, object, goal, 10, all (the four suites mixed, balanced by siz
 (a tiny model on a generated LIBERO-format dataset; runs on a laptop CPU in a minute).
 """
 
-from pixelvla_jax.training.experiment import base_config, use_openvla_7b, use_tiny
+from pixelvla_jax.training.config import base_config, use_openvla_7b, use_tiny
 
 SUITES = {
     "spatial": ["libero_spatial_no_noops"],

@@ -12,7 +12,7 @@ The datasets are RLDS episodes carrying the pixel-annotation features (see READM
 the output of `python -m pixelvla_jax.annotate` on Fractal and Bridge (it keeps their names).
 """
 
-from pixelvla_jax.training.experiment import base_config, use_openvla_7b, use_tiny
+from pixelvla_jax.training.config import base_config, use_openvla_7b, use_tiny
 
 
 def get_config(variant: str = "full"):

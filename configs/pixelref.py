@@ -54,7 +54,7 @@ Variants:
   tiny       a few steps on a few episodes with the chunked L1 head (tests)
 """
 
-from pixelvla_jax.training.experiment import base_config
+from pixelvla_jax.training.config import base_config
 
 VARIANTS = ("default", "prompts", "no_pixel", "tiny")
 

@@ -46,7 +46,7 @@ def abstract_params(model_config: PixelVLAConfig, dtype: Any = None) -> Any:
 def load_run(path: str, step: int | None = None) -> LoadedModel:
     """Reads params (no optimizer state), config, statistics and tokenizer of a training run."""
     from pixelvla_jax.training import checkpoint as checkpoint_lib
-    from pixelvla_jax.training import experiment
+    from pixelvla_jax.training import config as experiment
 
     directory = checkpoint_lib.checkpoint_dir(path)
     ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
@@ -62,7 +62,7 @@ def load_run(path: str, step: int | None = None) -> LoadedModel:
             # Frozen leaves were saved in their training dtype; restore them as such.
             optim = experiment.optim_config(cfg)
             from pixelvla_jax.training.optimizer import freeze_labels
-            from pixelvla_jax.training.policy import FROZEN
+            from pixelvla_jax.training.param_rules import FROZEN
 
             labels = freeze_labels(optim, abstract)
             frozen = jnp.dtype(cfg.model.frozen_dtype)
@@ -95,7 +95,7 @@ def merge_for_inference(loaded: LoadedModel, dtype: Any = jnp.bfloat16) -> Loade
     params = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
     )
-    from pixelvla_jax.training.experiment import model_config
+    from pixelvla_jax.training.config import model_config
 
     return dataclasses.replace(loaded, config=cfg, model_config=model_config(cfg), params=params)
 
@@ -118,7 +118,7 @@ def export_inference(path: str, out_dir: str, step: int | None = None, dtype: An
 
 def load_inference(out_dir: str) -> LoadedModel:
     """Loads an `export_inference` directory."""
-    from pixelvla_jax.training.experiment import model_config
+    from pixelvla_jax.training.config import model_config
     from pixelvla_jax.weights import orbax_io
 
     meta = orbax_io.load_metadata(out_dir)

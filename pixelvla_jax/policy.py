@@ -70,7 +70,7 @@ class Policy:
         from pixelvla_jax.data.pipeline import SampleTransform
         from pixelvla_jax.data.tokenizer import Tokenizer
         from pixelvla_jax.models.pixelvla import PixelVLA
-        from pixelvla_jax.training import experiment
+        from pixelvla_jax.training import config as config_lib
 
         if not isinstance(cfg, ml_collections.ConfigDict):
             cfg = ml_collections.ConfigDict(dict(cfg))
@@ -84,9 +84,9 @@ class Policy:
         self.statistics = dict(statistics)
         self.dataset_name = dataset_name
         self.tokenizer_path = tokenizer_path
-        self.model_cfg = experiment.model_config(cfg)
-        self.data_cfg = experiment.data_config(cfg, tokenizer_path)
-        self.model = PixelVLA(self.model_cfg, dtype=experiment.compute_dtype(cfg))
+        self.model_cfg = config_lib.model_config(cfg)
+        self.data_cfg = config_lib.data_config(cfg, tokenizer_path)
+        self.model = PixelVLA(self.model_cfg, dtype=config_lib.compute_dtype(cfg))
         self._transform = SampleTransform(
             self.data_cfg, [self.statistics], Tokenizer(tokenizer_path)
         )
@@ -331,11 +331,11 @@ def abstract_params(cfg: ml_collections.ConfigDict) -> Any:
     from flax import linen as nn
 
     from pixelvla_jax.models.pixelvla import PixelVLA
-    from pixelvla_jax.training import experiment
+    from pixelvla_jax.training import config as config_lib
     from pixelvla_jax.training import optimizer as optimizer_lib
 
-    model_cfg = experiment.model_config(cfg)
-    model = PixelVLA(model_cfg, dtype=experiment.compute_dtype(cfg))
+    model_cfg = config_lib.model_config(cfg)
+    model = PixelVLA(model_cfg, dtype=config_lib.compute_dtype(cfg))
     spec = model_cfg.spec(1)
 
     def init(rng):
@@ -344,7 +344,7 @@ def abstract_params(cfg: ml_collections.ConfigDict) -> Any:
 
     params = jax.eval_shape(init, jax.random.PRNGKey(0))
     if cfg.model.get("frozen_dtype"):
-        labels = optimizer_lib.freeze_labels(experiment.optim_config(cfg), params)
+        labels = optimizer_lib.freeze_labels(config_lib.optim_config(cfg), params)
         dtype = jnp.dtype(cfg.model.frozen_dtype)
         params = jax.eval_shape(lambda p: optimizer_lib.cast_frozen(p, labels, dtype), params)
     return params

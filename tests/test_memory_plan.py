@@ -6,12 +6,13 @@ import jax
 import numpy as np
 import pytest
 
+from pixelvla_jax.training import config as config_lib
 from pixelvla_jax.training import experiment, memory_plan
-from pixelvla_jax.training.policy import TRAINED
+from pixelvla_jax.training.param_rules import TRAINED
 
 
 def tiny_config(stage: str, **model):
-    cfg = experiment.base_config()
+    cfg = config_lib.base_config()
     cfg.stage = stage
     cfg.data.image_size = 56
     cfg.data.batch_size = 8

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from pixelvla_jax.training import config as config_lib
 from pixelvla_jax.training import experiment
-from pixelvla_jax.training.policy import FROZEN, path_str
+from pixelvla_jax.training.param_rules import FROZEN, path_str
 
 
 def _tiny_config(data_dir, config_file="libero", **train):
@@ -185,7 +186,7 @@ def test_misspelt_config_key_fails_before_anything_is_built(data_dir, tmp_path):
     with cfg.unlocked():
         cfg.optim.lrr = 1e-3
     with pytest.raises(
-        experiment.ConfigError, match=r"config\.optim\.lrr.*Did you mean 'optim\.lr'"
+        config_lib.ConfigError, match=r"config\.optim\.lrr.*Did you mean 'optim\.lr'"
     ):
         experiment.setup(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
@@ -223,8 +224,8 @@ def test_episode_holdout_is_disjoint_and_complete():
 def test_stage_needs_lora(data_dir):
     cfg = _tiny_config(data_dir, "pixel160k")
     cfg.model.lora.rank = 0
-    with pytest.raises(experiment.ConfigError, match="lora.rank"):
-        experiment.validate_config(cfg)
+    with pytest.raises(config_lib.ConfigError, match="lora.rank"):
+        config_lib.validate_config(cfg)
 
 
 @pytest.mark.parametrize("head", ["l1", "discrete"])
@@ -232,10 +233,10 @@ def test_lm_head_is_trained_only_by_the_discrete_head(head):
     from pixelvla_jax.models.pixelvla import abstract_variables
     from pixelvla_jax.training import optimizer as optimizer_lib
 
-    cfg = experiment.base_config()
+    cfg = config_lib.base_config()
     cfg.model.head = head
-    params = abstract_variables(experiment.model_config(cfg))["params"]
-    labels = optimizer_lib.freeze_labels(experiment.optim_config(cfg), params)
+    params = abstract_variables(config_lib.model_config(cfg))["params"]
+    labels = optimizer_lib.freeze_labels(config_lib.optim_config(cfg), params)
     flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
     lm = {k: v for k, v in flat.items() if k.startswith("llm/lm_head/")}
     assert lm and set(lm.values()) == ({FROZEN} if head == "l1" else {"trained"})

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from pixelvla_jax.training import optimizer as opt_lib
-from pixelvla_jax.training import policy
+from pixelvla_jax.training import param_rules as policy
 from pixelvla_jax.training.mesh import make_mesh
 from pixelvla_jax.training.sharding import DEFAULT_RULES
 from pixelvla_jax.training.train_state import create_train_state, make_train_step

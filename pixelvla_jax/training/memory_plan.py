@@ -5,7 +5,7 @@
     print(format_plan(plan))
 
 The train state comes from `jax.eval_shape` and the logical sharding rules
-(`train_state.abstract_train_state`), the batch from `pipeline.batch_spec`; the jitted train
+(`train_state.abstract_train_state`), the batch from `data.config.batch_spec`; the jitted train
 step of `train_state.make_train_step` is lowered on these abstract values and compiled, and
 `compiled.memory_analysis()` gives the bytes of *one device's* program (the SPMD-partitioned
 module). Alongside it, the state's own per-device bytes are counted from the shardings, so the
@@ -31,13 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pixelvla_jax.data import pipeline as pipeline_lib
+from pixelvla_jax.data import config as data_config_lib
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
+from pixelvla_jax.training import config as config_lib
 from pixelvla_jax.training import experiment as experiment_lib
 from pixelvla_jax.training import mesh as mesh_lib
 from pixelvla_jax.training import optimizer as optimizer_lib
 from pixelvla_jax.training import sharding as sharding_lib
-from pixelvla_jax.training.policy import TRAINED
+from pixelvla_jax.training.param_rules import TRAINED
 from pixelvla_jax.training.train_state import TrainState, abstract_train_state, make_train_step
 
 GIB = 1024**3
@@ -81,7 +82,7 @@ def abstract_batch(
     """The global batch of `cfg` (`config.data.batch_size` rows) as sharded ShapeDtypeStructs."""
     data = cfg.data.to_dict()
     data["tokenizer_path"] = ""
-    spec = pipeline_lib.batch_spec(pipeline_lib.DataConfig.from_mapping(data))
+    spec = data_config_lib.batch_spec(data_config_lib.DataConfig.from_mapping(data))
     sharding = sharding_lib.batch_sharding(mesh, rules)
     shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(sharding.spec[0]))
     if cfg.data.batch_size % shards:
@@ -111,18 +112,18 @@ def abstract_step(
       mesh: default `mesh.make_mesh(config.mesh)` over all devices.
       donate: donate the state to the step (as training does).
     """
-    experiment_lib.validate_config(cfg)
-    model_cfg = model_cfg or experiment_lib.model_config(cfg)
+    config_lib.validate_config(cfg)
+    model_cfg = model_cfg or config_lib.model_config(cfg)
     mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
     rules = sharding_lib.normalize_rules(cfg.sharding_rules)
-    model = PixelVLA(model_cfg, dtype=experiment_lib.compute_dtype(cfg))
+    model = PixelVLA(model_cfg, dtype=config_lib.compute_dtype(cfg))
     spec = model_cfg.spec(1)
 
     def init_params(rng):
         return model.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))["params"]
 
     rng = jax.random.PRNGKey(cfg.seed)
-    optim = experiment_lib.optim_config(cfg)
+    optim = config_lib.optim_config(cfg)
     params = jax.eval_shape(init_params, rng)
     labels = optimizer_lib.freeze_labels(optim, params)
     tx = optimizer_lib.make_optimizer(optim, params)

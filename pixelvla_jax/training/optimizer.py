@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from pixelvla_jax.training.policy import (
+from pixelvla_jax.training.param_rules import (
     DEFAULT_NO_DECAY,
     FROZEN,
     TRAINED,

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pixelvla_jax.training.optimizer import cast_frozen
-from pixelvla_jax.training.policy import FROZEN, TRAINED
+from pixelvla_jax.training.param_rules import FROZEN, TRAINED
 from pixelvla_jax.training.sharding import match_shardings_by_path, param_shardings
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
