@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixelvla_jax.models import lora as lora_lib
-from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
+from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig, init_params_fn
 
 
 @dataclasses.dataclass
@@ -34,8 +34,6 @@ class LoadedModel:
 
 
 def abstract_params(model_config: PixelVLAConfig, dtype: Any = None) -> Any:
-    from pixelvla_jax.training.experiment import init_params_fn
-
     init = init_params_fn(PixelVLA(model_config))
     params = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
     if dtype is not None:

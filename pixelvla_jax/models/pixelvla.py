@@ -680,6 +680,19 @@ def mask_centroid(pixel_mask: jax.Array, has_pixel_mask: jax.Array) -> tuple[jax
     return jnp.stack([x, y], axis=-1), valid
 
 
+def init_params_fn(model: PixelVLA):
+    """`rng -> params` (boxed with logical axes) of `model`, from a batch-1 zero observation:
+    what training initialises, and what `jax.eval_shape` turns into the abstract params that
+    checkpoints are restored into."""
+    spec = model.config.spec(1)
+
+    def init_params(rng):
+        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+        return model.init(rng, dummy)["params"]
+
+    return init_params
+
+
 def abstract_variables(
     config: PixelVLAConfig, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> Any:

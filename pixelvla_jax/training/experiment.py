@@ -21,7 +21,7 @@ import numpy as np
 
 from pixelvla_jax.data import pipeline as pipeline_lib
 from pixelvla_jax.models.observation import Observation
-from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
+from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig, init_params_fn
 from pixelvla_jax.training import checkpoint as checkpoint_lib
 from pixelvla_jax.training import mesh as mesh_lib
 from pixelvla_jax.training import metrics as metrics_lib
@@ -173,17 +173,6 @@ def make_loss_fn(model: PixelVLA):
         return loss, out
 
     return loss_fn
-
-
-def init_params_fn(model: PixelVLA):
-    """`rng -> params` (boxed with logical axes) of `model`, from a batch-1 dummy observation."""
-    spec = model.config.spec(1)
-
-    def init_params(rng):
-        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
-        return model.init(rng, dummy)["params"]
-
-    return init_params
 
 
 def _init_from_previous_run(exp_params: Any, from_dir: str, model_cfg_of) -> Any:
