@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,8 +104,8 @@ def test_logits_match_hf(ref, kv_heads):
     )
     assert cache is None
     logits = _forward(config)({"params": params}, tokens, positions, mask)
-    assert logits.shape == (2, 12, config.vocab_size)
-    np.testing.assert_allclose(np.asarray(logits), _hf_logits(model, tokens), atol=TOL, rtol=0)
+    chex.assert_shape(logits, (2, 12, config.vocab_size))
+    chex.assert_trees_all_close(logits, _hf_logits(model, tokens), atol=TOL, rtol=0)
 
 
 def test_kv_cache_decoding_matches_hf(ref):
@@ -122,14 +123,14 @@ def test_kv_cache_decoding_matches_hf(ref):
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (2, prompt_len))
     mask = llama_lib.make_cache_attention_mask(key_valid, 0, prompt_len)
     logits, cache = apply(params, tokens[:, :prompt_len], positions, mask, cache)
-    np.testing.assert_allclose(np.asarray(logits), expected[:, :prompt_len], atol=TOL, rtol=0)
+    chex.assert_trees_all_close(logits, expected[:, :prompt_len], atol=TOL, rtol=0)
     assert int(cache.index) == prompt_len
     for t in range(prompt_len, prompt_len + steps):
         key_valid = jnp.arange(max_len)[None, :].repeat(2, 0) <= t
         mask = llama_lib.make_cache_attention_mask(key_valid, cache.index, 1)
         positions = jnp.full((2, 1), t, jnp.int32)
         logits, cache = apply(params, tokens[:, t : t + 1], positions, mask, cache)
-        np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, t], atol=TOL, rtol=0)
+        chex.assert_trees_all_close(logits[:, 0], expected[:, t], atol=TOL, rtol=0)
     assert int(cache.index) == prompt_len + steps
 
 
@@ -147,7 +148,7 @@ def test_right_padded_prompt_keeps_positions(ref):
     logits = _forward(config)({"params": convert_hf_llama(state, config)}, padded, positions, mask)
     expected = _hf_logits(model, np.concatenate([prompt, tail])[None])
     real = np.asarray(valid[0])
-    np.testing.assert_allclose(np.asarray(logits)[0, real], expected[0], atol=TOL, rtol=0)
+    chex.assert_trees_all_close(np.asarray(logits)[0, real], expected[0], atol=TOL, rtol=0)
 
 
 def test_scan_and_remat_layouts_equal_loop(ref):
@@ -159,7 +160,7 @@ def test_scan_and_remat_layouts_equal_loop(ref):
         cfg = config.replace(scan_layers=scan, remat=remat)
         params = convert_hf_llama(state, cfg)
         if scan:
-            assert params["layers"]["attn"]["q_proj"]["kernel"].shape[0] == cfg.depth
+            chex.assert_axis_dimension(params["layers"]["attn"]["q_proj"]["kernel"], 0, cfg.depth)
             assert "layers_0" not in params
 
         def loss(p, cfg=cfg):
@@ -169,11 +170,11 @@ def test_scan_and_remat_layouts_equal_loop(ref):
         (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         outputs[scan, remat] = np.asarray(logits)
         grads[scan, remat] = g
-    for key in outputs:
-        np.testing.assert_allclose(outputs[key], outputs[False, False], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(
-        np.asarray(grads[True, True]["layers"]["mlp"]["up_proj"]["kernel"][1]),
-        np.asarray(grads[False, False]["layers_1"]["mlp"]["up_proj"]["kernel"]),
+    loop = outputs[False, False]
+    chex.assert_trees_all_close(outputs, {key: loop for key in outputs}, atol=2e-5, rtol=0)
+    chex.assert_trees_all_close(
+        grads[True, True]["layers"]["mlp"]["up_proj"]["kernel"][1],
+        grads[False, False]["layers_1"]["mlp"]["up_proj"]["kernel"],
         atol=2e-5,
         rtol=0,
     )
@@ -193,7 +194,7 @@ def test_scan_layout_with_cache(ref):
     _, cache = apply(params, tokens[:, :5], jnp.arange(5)[None], mask, cache)
     mask = llama_lib.make_cache_attention_mask(jnp.arange(8)[None] < 6, cache.index, 1)
     logits, cache = apply(params, tokens[:, 5:], jnp.array([[5]]), mask, cache)
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), expected[:, 5], atol=TOL, rtol=0)
+    chex.assert_trees_all_close(logits[:, 0], expected[:, 5], atol=TOL, rtol=0)
 
 
 def test_bf16_compute_runs_and_is_close():
@@ -203,9 +204,9 @@ def test_bf16_compute_runs_and_is_close():
     params = _init(config, tokens, positions, mask)
     f32 = _forward(config)(params, tokens, positions, mask)
     bf16 = _forward(config, jnp.bfloat16)(params, tokens, positions, mask)
-    assert bf16.dtype == jnp.bfloat16
-    assert jax.tree.leaves(params)[0].dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(f32), atol=0.05, rtol=0.05)
+    chex.assert_type(bf16, jnp.bfloat16)
+    chex.assert_type(jax.tree.leaves(params), jnp.float32)  # params stay f32
+    chex.assert_trees_all_close(bf16.astype(jnp.float32), f32, atol=0.05, rtol=0.05)
     # Embed / call / logits as separate methods, and a bf16 KV cache.
     cache = KVCache.init(config, 2, 8, jnp.bfloat16)
     llama = Llama(config, dtype=jnp.bfloat16)
@@ -218,9 +219,11 @@ def test_bf16_compute_runs_and_is_close():
         return emb, hidden, cache, llama.apply(params, hidden, method="logits")
 
     emb, hidden, cache, logits = three_steps(params, cache)
-    assert emb.shape == (2, 6, config.width) and emb.dtype == jnp.bfloat16
-    assert hidden.shape == (2, 6, config.width) and cache.k.dtype == jnp.bfloat16
-    assert logits.shape == (2, 6, config.vocab_size) and int(cache.index) == 6
+    chex.assert_shape(
+        [emb, hidden, logits], [(2, 6, config.width)] * 2 + [(2, 6, config.vocab_size)]
+    )
+    chex.assert_type([emb, cache.k], jnp.bfloat16)
+    assert int(cache.index) == 6
 
 
 def test_attention_mask_semantics():
@@ -313,7 +316,7 @@ def test_import_errors_and_leaf_callback(ref):
     )
     assert ("layers", "attn", "q_proj", "kernel") in seen and ("lm_head", "kernel") in seen
     assert len(seen) == len(jax.tree.leaves(params)) == 3 + 9
-    assert params["lm_head"]["kernel"].dtype == jnp.bfloat16
+    chex.assert_type(params["lm_head"]["kernel"], jnp.bfloat16)
 
     missing = dict(state)
     del missing["model.layers.1.mlp.up_proj.weight"]
@@ -362,4 +365,4 @@ def test_sharded_init_and_forward_on_mesh():
     q = params["params"]["layers"]["attn"]["q_proj"]["kernel"].value
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     plain = _forward(config)(nn.unbox(params), tokens, positions, mask)
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(sharded, plain, atol=1e-5, rtol=0)

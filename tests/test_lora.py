@@ -3,6 +3,7 @@
 import functools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,15 +79,13 @@ def test_dense_zero_init_is_base_and_scale_applies():
     lora = Dense(8, use_bias=True, kernel_axes=("embed", "mlp"), lora_rules=((".*", config),))
     p_base = nn.unbox(base.init(jax.random.PRNGKey(1), x))
     p_lora = nn.unbox(lora.init(jax.random.PRNGKey(1), x))
-    assert p_lora["params"]["lora_a"].shape == (16, 4)
-    assert p_lora["params"]["lora_b"].shape == (4, 8)
+    chex.assert_shape(p_lora["params"]["lora_a"], (16, 4))
+    chex.assert_shape(p_lora["params"]["lora_b"], (4, 8))
     np.testing.assert_array_equal(np.asarray(p_lora["params"]["lora_b"]), 0)
     p_lora["params"]["kernel"] = p_base["params"]["kernel"]
     p_lora["params"]["bias"] = p_base["params"]["bias"] + 0.5
     p_base["params"]["bias"] = p_lora["params"]["bias"]
-    np.testing.assert_array_equal(
-        np.asarray(lora.apply(p_lora, x)), np.asarray(base.apply(p_base, x))
-    )
+    chex.assert_trees_all_equal(lora.apply(p_lora, x), base.apply(p_base, x))
     # With a non-zero B the output is x W + b + scale (x A) B.
     b = jax.random.normal(jax.random.PRNGKey(2), (4, 8))
     p_lora["params"]["lora_b"] = b
@@ -95,7 +94,7 @@ def test_dense_zero_init_is_base_and_scale_applies():
         + p_base["params"]["bias"]
         + config.scale * (x @ p_lora["params"]["lora_a"]) @ b
     )
-    np.testing.assert_allclose(np.asarray(lora.apply(p_lora, x)), np.asarray(want), atol=1e-5)
+    chex.assert_trees_all_close(lora.apply(p_lora, x), want, atol=1e-5, rtol=1e-7)
     # Logical axes of the adapters follow the kernel's.
     boxed = lora.init(jax.random.PRNGKey(1), x)["params"]
     assert boxed["lora_a"].names == ("embed", None)
@@ -147,7 +146,7 @@ def test_llama_lora_selection_identity_and_merge(scan):
     )
     assert lora_paths(lora) == want
     if scan:
-        assert lora["layers"]["attn"]["q_proj"]["lora_a"].shape == (base_cfg.depth, 32, 4)
+        chex.assert_shape(lora["layers"]["attn"]["q_proj"]["lora_a"], (base_cfg.depth, 32, 4))
     mask = lora_mask(lora)
     assert sum(jax.tree.leaves(mask)) == len(want)
     assert is_lora_param(("layers", "attn", "q_proj", "lora_b"))
@@ -155,8 +154,7 @@ def test_llama_lora_selection_identity_and_merge(scan):
 
     # Zero-initialised B: exactly the base model.
     base_logits = np.asarray(_forward(base_cfg)(base, *inputs))
-    lora_logits = np.asarray(_forward(lora_cfg)(lora, *inputs))
-    np.testing.assert_array_equal(lora_logits, base_logits)
+    chex.assert_trees_all_equal(_forward(lora_cfg)(lora, *inputs), base_logits)
 
     # Random B: merged base model == unmerged LoRA model.
     lora = _randomize_lora_b(lora)
@@ -165,14 +163,10 @@ def test_llama_lora_selection_identity_and_merge(scan):
     merged = merge_lora(lora, QV_RULES)
     assert lora_paths(merged) == []
     assert jax.tree.structure(merged) == jax.tree.structure(base)
-    np.testing.assert_allclose(
-        np.asarray(_forward(base_cfg)(merged, *inputs)), unmerged, atol=1e-5, rtol=0
-    )
+    chex.assert_trees_all_close(_forward(base_cfg)(merged, *inputs), unmerged, atol=1e-5, rtol=0)
     # The same with explicit per-path scales, and a boxed ({"params": Partitioned}) tree.
     scales = {p.rsplit("/", 1)[0]: QV_RULES[0][1].scale for p in want}
-    merged_by_path = merge_lora({"params": lora}, scales)["params"]
-    for a, b in zip(jax.tree.leaves(merged_by_path), jax.tree.leaves(merged)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(merge_lora({"params": lora}, scales)["params"], merged)
 
 
 def test_merge_keeps_partitioning_and_reports_missing_rule():
@@ -185,3 +179,25 @@ def test_merge_keeps_partitioning_and_reports_missing_rule():
     assert set(merged["layers_0"]["mlp"]["up_proj"]) == {"kernel"}
     with pytest.raises(ValueError, match="layers_0/mlp/up_proj"):
         merge_lora(boxed, ((r".*/q_proj", LoRAConfig(2, 4)),))
+
+
+class MergeLoRAJitTest(chex.TestCase):
+    """merge_lora folds the adapter the same way eagerly and under jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_merge_folds_adapter_into_kernel(self):
+        config = LoRAConfig(rank=4, alpha=8.0)
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, 16))
+        lora = Dense(8, use_bias=True, lora_rules=((".*", config),))
+        params = nn.unbox(lora.init(jax.random.PRNGKey(1), x))["params"]
+        params["lora_b"] = jax.random.normal(jax.random.PRNGKey(2), (4, 8))
+        merged = self.variant(lambda p: merge_lora(p, config))(params)
+        assert set(merged) == {"kernel", "bias"}
+        want = params["kernel"] + config.scale * params["lora_a"] @ params["lora_b"]
+        chex.assert_trees_all_close(merged["kernel"], want, atol=1e-6, rtol=1e-6)
+        chex.assert_trees_all_equal(merged["bias"], params["bias"])
+        # The merged plain layer computes what the unmerged LoRA layer computes.
+        base = Dense(8, use_bias=True)
+        chex.assert_trees_all_close(
+            base.apply({"params": merged}, x), lora.apply({"params": params}, x), atol=1e-5, rtol=0
+        )

@@ -1,5 +1,6 @@
 """Pixel-aware encoder: pooling against numpy, empty masks, resolution independence, absent tokens."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,27 +69,36 @@ def test_evenly_spaced_blocks():
 
 def test_area_resize_matches_block_mean_and_preserves_mass():
     mask = _disc_mask(32)
-    np.testing.assert_allclose(
-        area_resize(jnp.asarray(mask), 4, 4), _block_mean(mask, 4), atol=1e-6
+    chex.assert_trees_all_close(
+        area_resize(jnp.asarray(mask), 4, 4), _block_mean(mask, 4), atol=1e-6, rtol=1e-7
     )
     # Non-divisible sizes: upsample by the other size (exact) then block-average.
     odd = np.random.default_rng(1).uniform(size=(2, 10, 7)).astype(np.float32)
     up = np.repeat(np.repeat(odd, 3, axis=1), 3, axis=2)  # [2, 30, 21]
     expected = up.reshape(2, 3, 10, 3, 7).mean(axis=(2, 4))
-    np.testing.assert_allclose(area_resize(jnp.asarray(odd), 3, 3), expected, atol=1e-6)
-    np.testing.assert_allclose(
-        area_resize(jnp.asarray(odd), 4, 5).mean(axis=(1, 2)), odd.mean(axis=(1, 2)), atol=1e-6
+    chex.assert_trees_all_close(area_resize(jnp.asarray(odd), 3, 3), expected, atol=1e-6, rtol=1e-7)
+    chex.assert_trees_all_close(
+        area_resize(jnp.asarray(odd), 4, 5).mean(axis=(1, 2)),
+        odd.mean(axis=(1, 2)),
+        atol=1e-6,
+        rtol=1e-7,
     )
 
 
-def test_mask_pooling_matches_numpy():
+def _pooling_case():
+    """Features, masks (the second one empty) and numpy's mask-weighted mean."""
     feats = np.random.default_rng(0).normal(size=(B, 16, 5)).astype(np.float32)
     mask = _disc_mask(32)
     mask[1] = 0.0  # empty: pooled features must be exactly 0
-    got = MaskPooling(eps=1e-6).apply({}, jnp.asarray(feats), jnp.asarray(mask))
     p = _block_mean(mask, 4).reshape(B, 16)
     expected = np.einsum("bn,bnd->bd", p, feats) / np.maximum(p.sum(-1, keepdims=True), 1e-6)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    return feats, mask, expected
+
+
+def test_mask_pooling_matches_numpy():
+    feats, mask, expected = _pooling_case()
+    got = MaskPooling(eps=1e-6).apply({}, jnp.asarray(feats), jnp.asarray(mask))
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
 
 
@@ -100,7 +110,8 @@ def test_encoder_matches_numpy_restatement(aggregation):
     has = np.array([True, True, False])
     model, variables = _init(cfg, levels, mask, has)
     out = model.apply(variables, levels, jnp.asarray(mask), jnp.asarray(has))
-    assert out.shape == (B, cfg.num_tokens, cfg.out_dim) == (B, 2, 32)
+    assert (cfg.num_tokens, cfg.out_dim) == (2, 32)
+    chex.assert_shape(out, (B, cfg.num_tokens, cfg.out_dim))
 
     p = jax.tree.map(np.asarray, nn.unbox(variables["params"]))
     projected = []
@@ -116,9 +127,9 @@ def test_encoder_matches_numpy_restatement(aggregation):
     spatial = _mlp_np(p["spatial_mlp"], _block_mean(mask, cfg.spatial_grid).reshape(B, -1))
     expected = np.stack([semantic, spatial], axis=1)
     expected[2] = p["absent_tokens"]
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(out, expected, rtol=1e-4, atol=1e-5)
     in_width = cfg.proj_dim * (cfg.num_levels if aggregation == "concat" else 1)
-    assert p["semantic_mlp"]["hidden_0"]["kernel"].shape[0] == in_width
+    chex.assert_axis_dimension(p["semantic_mlp"]["hidden_0"]["kernel"], 0, in_width)
 
 
 def test_empty_mask_is_finite_with_finite_gradients():
@@ -135,9 +146,7 @@ def test_empty_mask_is_finite_with_finite_gradients():
     (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
         variables["params"], levels
     )
-    assert np.isfinite(np.asarray(out)).all() and np.isfinite(float(value))
-    for g in jax.tree.leaves(grads):
-        assert np.isfinite(np.asarray(g)).all()
+    chex.assert_tree_all_finite((out, value, grads))
 
 
 def test_resolution_independence():
@@ -149,11 +158,13 @@ def test_resolution_independence():
     model, variables = _init(cfg, levels, mask224, has)
     out224 = model.apply(variables, levels, jnp.asarray(mask224), has)
     out448 = model.apply(variables, levels, jnp.asarray(mask448), has)
-    np.testing.assert_allclose(out224, out448, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(out224, out448, rtol=1e-5, atol=1e-5)
     # The same disc drawn independently at the two resolutions: equal up to rasterisation.
     drawn448 = _disc_mask(448)
     out_drawn = model.apply(variables, levels, jnp.asarray(drawn448), has)
-    np.testing.assert_allclose(out224, out_drawn, atol=0.05 * float(jnp.abs(out224).max()))
+    chex.assert_trees_all_close(
+        out224, out_drawn, atol=0.05 * float(jnp.abs(out224).max()), rtol=1e-7
+    )
 
 
 def test_absent_path_uses_absent_embedding():
@@ -164,12 +175,12 @@ def test_absent_path_uses_absent_embedding():
     model, variables = _init(cfg, levels, mask, has)
     out = model.apply(variables, levels, jnp.asarray(mask), has)
     absent = np.asarray(nn.unbox(variables["params"])["absent_tokens"])
-    np.testing.assert_array_equal(np.asarray(out[0]), absent)
-    np.testing.assert_array_equal(np.asarray(out[2]), absent)
+    chex.assert_trees_all_equal(out[0], absent)
+    chex.assert_trees_all_equal(out[2], absent)
     assert not np.allclose(np.asarray(out[1]), absent)
     # The absent tokens do not depend on the (ignored) mask content.
     out_other = model.apply(variables, levels, jnp.asarray(_disc_mask(32, seed=5)), has)
-    np.testing.assert_array_equal(np.asarray(out_other[0]), absent)
+    chex.assert_trees_all_equal(out_other[0], absent)
 
 
 def test_single_token_without_spatial_and_bfloat16():
@@ -179,9 +190,9 @@ def test_single_token_without_spatial_and_bfloat16():
     model = PixelEncoder(cfg, dtype=jnp.bfloat16)
     variables = model.init(jax.random.key(0), levels, mask, has)
     out = model.apply(variables, levels, mask, has)
-    assert out.shape == (B, 1, cfg.out_dim) and out.dtype == jnp.bfloat16
-    for leaf in jax.tree.leaves(nn.unbox(variables["params"])):
-        assert leaf.dtype == jnp.float32
+    chex.assert_shape(out, (B, 1, cfg.out_dim))
+    chex.assert_type(out, jnp.bfloat16)
+    chex.assert_type(jax.tree.leaves(nn.unbox(variables["params"])), jnp.float32)
     specs = nn.get_partition_spec(variables)["params"]
     assert tuple(specs["absent_tokens"]) == (None, "embed")
     assert tuple(specs["semantic_mlp"]["out"]["kernel"]) == ("mlp", "embed")
@@ -221,8 +232,8 @@ def test_jit_with_and_without_masks_traces_once():
     without = encode(variables, levels, jnp.zeros((B, 32, 32)), jnp.zeros((B,), bool))
     mixed = encode(variables, levels, jnp.asarray(_disc_mask(32)), jnp.array([True, False, True]))
     assert len(traces) == 1
-    np.testing.assert_array_equal(np.asarray(mixed[0]), np.asarray(with_mask[0]))
-    np.testing.assert_array_equal(np.asarray(mixed[1]), np.asarray(without[1]))
+    chex.assert_trees_all_equal(mixed[0], with_mask[0])
+    chex.assert_trees_all_equal(mixed[1], without[1])
 
 
 def test_sharded_init_and_apply_on_a_mesh():
@@ -244,4 +255,24 @@ def test_sharded_init_and_apply_on_a_mesh():
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert out.sharding.spec[0] == ("data", "fsdp")
     unsharded = model.apply(jax.device_get(variables), levels, mask, has)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(unsharded), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(out, unsharded, rtol=1e-5, atol=1e-6)
+
+
+class JitVariantsTest(chex.TestCase):
+    """Mask pooling and area resizing give the same results eagerly and under jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mask_pooling_matches_numpy(self):
+        feats, mask, expected = _pooling_case()
+        pool = self.variant(lambda f, m: MaskPooling(eps=1e-6).apply({}, f, m))
+        got = pool(jnp.asarray(feats), jnp.asarray(mask))
+        chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got[1]), 0.0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_area_resize_matches_block_mean(self):
+        mask = _disc_mask(32)
+        resize = self.variant(area_resize, static_argnums=(1, 2))
+        chex.assert_trees_all_close(
+            resize(jnp.asarray(mask), 4, 4), _block_mean(mask, 4), atol=1e-6, rtol=1e-7
+        )

@@ -1,5 +1,6 @@
 """The assembled PixelVLA model: sequence layout, heads, one compilation, training, param count."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,9 +81,7 @@ def test_init_creates_the_same_tree_as_abstract_variables():
     config = PixelVLAConfig.tiny(use_prompt_encoder=False)
     abstract = nn.meta.unbox(abstract_variables(config))
     shapes = jax.eval_shape(PixelVLA(config).init, jax.random.key(0), _obs(config))
-    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(
-        nn.meta.unbox(shapes)
-    )
+    chex.assert_trees_all_equal_shapes(abstract, nn.meta.unbox(shapes))
     assert set(abstract["params"]) == {
         "vision",
         "projector",
@@ -115,13 +114,13 @@ def test_prefix_layout(l1_model):
         )
     )(variables, obs)
     s = config.prefix_length(config.max_text_tokens)
-    assert emb.shape == (B, s, config.llama.width) and valid.shape == (B, s)
+    chex.assert_shape([emb, valid], [(B, s, config.llama.width), (B, s)])
     n_fixed = 1 + config.vision.num_patches + 4
     assert np.asarray(valid[:, :n_fixed]).all()
-    np.testing.assert_array_equal(valid[:, n_fixed:], obs.token_mask[:, 1:])
+    chex.assert_trees_all_equal(valid[:, n_fixed:], obs.token_mask[:, 1:])
     # BOS first, then text after the vision/pixel/prompt tokens: embeddings of the tokens.
-    np.testing.assert_allclose(emb[:, 0], text[:, 0])
-    np.testing.assert_allclose(emb[:, n_fixed:], text[:, 1:])
+    chex.assert_trees_all_close(emb[:, 0], text[:, 0], rtol=1e-7, atol=0)
+    chex.assert_trees_all_close(emb[:, n_fixed:], text[:, 1:], rtol=1e-7, atol=0)
 
 
 def test_l1_predict_shape_and_padding_invariance(l1_model):
@@ -129,15 +128,15 @@ def test_l1_predict_shape_and_padding_invariance(l1_model):
     obs = _obs(config)
     predict = jax.jit(lambda v, o: model.apply(v, o, method=PixelVLA.predict_actions))
     actions = predict(variables, obs)
-    assert actions.shape == (B, config.action_head.chunk_size, 7)
-    assert np.isfinite(np.asarray(actions)).all()
+    chex.assert_shape(actions, (B, config.action_head.chunk_size, 7))
+    chex.assert_tree_all_finite(actions)
     # Extra right padding changes neither positions nor attention: same actions.
     pad = 8
     padded = obs.replace(
         tokens=jnp.pad(obs.tokens, ((0, 0), (0, pad))),
         token_mask=jnp.pad(obs.token_mask, ((0, 0), (0, pad))),
     )
-    np.testing.assert_allclose(predict(variables, padded), actions, atol=2e-5)
+    chex.assert_trees_all_close(predict(variables, padded), actions, atol=2e-5, rtol=1e-7)
 
 
 def test_absent_and_present_share_one_compilation(l1_model):
@@ -162,7 +161,7 @@ def test_absent_and_present_share_one_compilation(l1_model):
     assert len(traces) == 1
     # Sample 0 really uses its mask and prompts; sample 1 had none in `mixed`.
     assert np.abs(np.asarray(out_mixed[0] - out_absent[0])).max() > 1e-4
-    np.testing.assert_allclose(out_mixed[1], out_absent[1], atol=1e-5)
+    chex.assert_trees_all_close(out_mixed[1], out_absent[1], atol=1e-5, rtol=1e-7)
     assert np.abs(np.asarray(out_present[1] - out_absent[1])).max() > 1e-4
 
 
@@ -176,7 +175,7 @@ def test_l1_loss_goes_down_with_adam(l1_model):
     trainable = ("pixel_encoder", "prompt_encoder", "action_slots", "action_head")
     params, history = _fit(model, variables, obs, actions, pad_mask, trainable, 1e-3, 6)
     losses = [float(m["loss"]) for m in history]
-    assert history[-1]["l1_per_dim"].shape == (7,)
+    chex.assert_shape(history[-1]["l1_per_dim"], (7,))
     assert losses[-1] < 0.7 * losses[0], losses
     np.testing.assert_array_equal(params["llm"]["norm"]["scale"], 1.0)  # frozen
 
@@ -195,12 +194,14 @@ def test_discrete_head_cache_decoding_and_loss():
         return tokens, logits, model.apply(v, o, method=PixelVLA.predict_actions)
 
     tokens, logits, actions = decode(variables, obs)
-    assert tokens.shape == (B, 7)
-    assert logits.shape == (B, 8, config.llama.vocab_size)
+    chex.assert_shape(
+        [tokens, logits, actions], [(B, 7), (B, 8, config.llama.vocab_size), (B, 1, 7)]
+    )
     # Greedy KV-cache decoding == argmax of the teacher-forced full-sequence logits.
-    np.testing.assert_array_equal(np.argmax(logits[:, :7], -1), tokens)
-    assert actions.shape == (B, 1, 7)
-    np.testing.assert_allclose(actions[:, 0], config.action_tokenizer.detokenize(tokens))
+    chex.assert_trees_all_equal(np.argmax(logits[:, :7], -1), tokens)
+    chex.assert_trees_all_close(
+        actions[:, 0], config.action_tokenizer.detokenize(tokens), rtol=1e-7, atol=0
+    )
 
     # OpenVLA's loss (7 action tokens + EOS) goes down; accuracy reported.
     target = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, 1, 7)), jnp.float32)
@@ -233,7 +234,7 @@ def test_discrete_head_sampled_decoding():
     _, decode = decoder(1e-4)
     tokens, logits = decode(variables, obs, jax.random.key(0))
     restricted = np.asarray(logits[:, :7, first : base.tokenizer_vocab_size])
-    np.testing.assert_array_equal(first + np.argmax(restricted, -1), tokens)
+    chex.assert_trees_all_equal(first + np.argmax(restricted, -1), tokens)
 
     model, decode = decoder(1.0)
     with pytest.raises(ValueError, match="rng"):
@@ -241,20 +242,27 @@ def test_discrete_head_sampled_decoding():
     a, _ = decode(variables, obs, jax.random.key(3))
     b, _ = decode(variables, obs, jax.random.key(3))
     c, _ = decode(variables, obs, jax.random.key(4))
-    np.testing.assert_array_equal(a, b)  # seeded: reproducible
+    chex.assert_trees_all_equal(a, b)  # seeded: reproducible
     assert np.any(np.asarray(a) != np.asarray(c))
     for t in (a, c):
         assert np.all((np.asarray(t) >= first) & (np.asarray(t) < base.tokenizer_vocab_size))
     actions = model.apply(variables, obs, jax.random.key(3), method=PixelVLA.predict_actions)
-    np.testing.assert_allclose(actions[:, 0], base.action_tokenizer.detokenize(a))
+    chex.assert_trees_all_close(
+        actions[:, 0], base.action_tokenizer.detokenize(a), rtol=1e-7, atol=0
+    )
     with pytest.raises(ValueError, match="decode_temperature"):
         base.replace(decode_temperature=-1.0)
 
 
-def test_mask_centroid_in_image_coordinates():
+def _centroid_masks():
     mask = np.zeros((3, 56, 56), np.float32)
     mask[0, 2:6, 10:14] = 1.0  # rows 2-5, cols 10-13
     mask[1, 40, 7] = 1.0
+    return mask
+
+
+def test_mask_centroid_in_image_coordinates():
+    mask = _centroid_masks()
     point, valid = mask_centroid(jnp.asarray(mask), jnp.asarray([True, True, True]))
     np.testing.assert_allclose(point[0], [12.0 / 56, 4.0 / 56], atol=1e-6)
     np.testing.assert_allclose(point[1], [7.5 / 56, 40.5 / 56], atol=1e-6)
@@ -279,14 +287,14 @@ def test_grounding_text_first_point_tokens_and_patch_loss():
         has_pixel_mask=jnp.ones(B, bool),
     )
     variables = _random_variables(config, seed=1)
-    assert variables["params"]["patch_grounding"]["kernel"].shape == (config.llama.width, 1)
+    chex.assert_shape(variables["params"]["patch_grounding"]["kernel"], (config.llama.width, 1))
 
     # Prefix: BOS and the padded text first, then the vision and pixel tokens (all valid).
     emb, valid = model.apply(variables, obs, method=PixelVLA.embed_prefix)
     text = model.apply(variables, obs.tokens, method=lambda m, t: m.llm.embed(t))
     n_text = config.max_text_tokens
-    np.testing.assert_allclose(emb[:, :n_text], text)
-    np.testing.assert_array_equal(valid[:, :n_text], obs.token_mask)
+    chex.assert_trees_all_close(emb[:, :n_text], text, rtol=1e-7, atol=0)
+    chex.assert_trees_all_equal(valid[:, :n_text], obs.token_mask)
     assert np.asarray(valid[:, n_text:]).all()
 
     @jax.jit
@@ -297,23 +305,26 @@ def test_grounding_text_first_point_tokens_and_patch_loss():
         return tokens, logits, actions
 
     tokens, logits, actions = decode(variables, obs)
-    assert config.num_decoded_tokens == 9 and tokens.shape == (B, 9)
+    assert config.num_decoded_tokens == 9
+    chex.assert_shape(tokens, (B, 9))
     # The cache decodes from the last prefix token (not the last text token) with RoPE
     # positions that skip the text padding: the same tokens as teacher forcing.
-    np.testing.assert_array_equal(np.argmax(logits[:, :9], -1), tokens)
-    np.testing.assert_allclose(actions[:, 0], config.action_tokenizer.detokenize(tokens[:, 2:]))
+    chex.assert_trees_all_equal(np.argmax(logits[:, :9], -1), tokens)
+    chex.assert_trees_all_close(
+        actions[:, 0], config.action_tokenizer.detokenize(tokens[:, 2:]), rtol=1e-7, atol=0
+    )
     padded = obs.replace(
         tokens=jnp.pad(obs.tokens, ((0, 0), (0, 8))),
         token_mask=jnp.pad(obs.token_mask, ((0, 0), (0, 8))),
     )
-    np.testing.assert_array_equal(decode(variables, padded)[0], tokens)
+    chex.assert_trees_all_equal(decode(variables, padded)[0], tokens)
 
     target = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (B, 1, 7)), jnp.float32)
     pad_mask = jnp.ones((B, 1), bool)
     loss, metrics = model.apply(variables, obs, target, pad_mask, method=PixelVLA.loss)
     assert set(metrics) >= {"action_loss", "patch_grounding", "target_point_error"}
-    np.testing.assert_allclose(
-        loss, metrics["action_loss"] + 0.5 * metrics["patch_grounding"], rtol=1e-6
+    chex.assert_trees_all_close(
+        loss, metrics["action_loss"] + 0.5 * metrics["patch_grounding"], rtol=1e-6, atol=0
     )
     # Without a mask there is nothing to ground: no patch loss, the point tokens unweighted.
     no_mask = obs.replace(has_pixel_mask=jnp.zeros(B, bool))
@@ -404,3 +415,16 @@ def test_openvla_7b_param_count_matches_references():
     assert count_params(params) == dino + siglip + projector + llm + pixel + prompt + head + slots
     # OpenVLA-7B itself: ~7.54B parameters.
     assert 7.5e9 < dino + siglip + projector + llm < 7.6e9
+
+
+class JitVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mask_centroid(self):
+        """The centroid of each mask in [0, 1] (x, y) image coordinates, eagerly and under jit."""
+        centroid = self.variant(mask_centroid)
+        point, valid = centroid(jnp.asarray(_centroid_masks()), jnp.asarray([True, True, False]))
+        chex.assert_shape([point, valid], [(3, 2), (3,)])
+        chex.assert_trees_all_close(
+            point[:2], np.array([[12.0 / 56, 4.0 / 56], [7.5 / 56, 40.5 / 56]]), atol=1e-6, rtol=0
+        )
+        chex.assert_trees_all_equal(valid, np.array([1.0, 1.0, 0.0]))

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,28 +68,34 @@ def _apply(model, variables, points, types, mask, has):
     return np.asarray(_jitted_apply(model)(variables, *args))
 
 
+def _sam_position_embedding(coords, gaussian):
+    """SAM's PositionEmbeddingRandom._pe_encoding on [0, 1] coordinates, in float64."""
+    proj = 2 * np.pi * ((2 * coords.astype(np.float64) - 1) @ gaussian.astype(np.float64))
+    return np.concatenate([np.sin(proj), np.cos(proj)], axis=-1)
+
+
 def test_position_embedding_matches_sam_formula():
     gaussian = fourier_matrix(CFG)
-    assert gaussian.shape == (2, CFG.num_fourier_features // 2)
-    np.testing.assert_array_equal(gaussian, fourier_matrix(CFG))  # fixed by the seed
+    chex.assert_shape(gaussian, (2, CFG.num_fourier_features // 2))
+    chex.assert_trees_all_equal(gaussian, fourier_matrix(CFG))  # fixed by the seed
     coords = np.random.default_rng(0).uniform(size=(4, 5, 2)).astype(np.float32)
-    proj = 2 * np.pi * ((2 * coords.astype(np.float64) - 1) @ gaussian.astype(np.float64))
-    expected = np.concatenate([np.sin(proj), np.cos(proj)], axis=-1)
+    expected = _sam_position_embedding(coords, gaussian)
     got = fourier_position_embedding(jnp.asarray(coords), jnp.asarray(gaussian))
-    np.testing.assert_allclose(got, expected, atol=2e-5)
+    chex.assert_trees_all_close(got, expected, atol=2e-5, rtol=1e-7)
 
 
 def test_output_shape_dtype_and_no_fourier_param():
     model, variables = _model_and_vars()
     out = _apply(model, variables, *_inputs())
-    assert out.shape == (B, CFG.num_tokens, CFG.out_dim) == (B, 2, 32)
+    assert (CFG.num_tokens, CFG.out_dim) == (2, 32)
+    chex.assert_shape(out, (B, CFG.num_tokens, CFG.out_dim))
     names = " ".join(
         jax.tree_util.keystr(path)
         for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(variables["params"]))
     )
     assert "gaussian" not in names and "fourier" not in names
     bf16 = PromptEncoder(CFG, dtype=jnp.bfloat16)
-    assert jax.jit(bf16.apply)(variables, *map(jnp.asarray, _inputs())).dtype == jnp.bfloat16
+    chex.assert_type(jax.jit(bf16.apply)(variables, *map(jnp.asarray, _inputs())), jnp.bfloat16)
 
 
 def test_padding_never_changes_the_output():
@@ -101,11 +108,11 @@ def test_padding_never_changes_the_output():
     padded_points[0, -1] = np.nan  # garbage in pad slots must not leak
     padded_types = np.concatenate([types, np.full((B, extra), PROMPT_PAD, np.int32)], axis=1)
     padded = _apply(model, variables, padded_points, padded_types, mask, has)
-    np.testing.assert_allclose(padded, base, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(padded, base, rtol=1e-6, atol=1e-6)
     # Changing coordinates already in pad slots changes nothing either.
     moved = points.copy()
     moved[types == PROMPT_PAD] = rng.uniform(size=(int((types == PROMPT_PAD).sum()), 2))
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         _apply(model, variables, moved, types, mask, has), base, rtol=1e-6, atol=1e-6
     )
 
@@ -125,7 +132,7 @@ def test_permutation_invariance():
             mask,
             has,
         )
-        np.testing.assert_allclose(shuffled, base, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(shuffled, base, rtol=1e-5, atol=1e-6)
 
 
 def test_point_types_matter():
@@ -136,7 +143,7 @@ def test_point_types_matter():
     a = _apply(model, variables, points, types, mask, has)
     b = _apply(model, variables, points, flipped, mask, has)
     assert not np.allclose(a[0, 0], b[0, 0])
-    np.testing.assert_array_equal(a[1:], b[1:])
+    chex.assert_trees_all_equal(a[1:], b[1:])
 
 
 def test_absent_prompt_path_and_finite_gradients():
@@ -145,7 +152,7 @@ def test_absent_prompt_path_and_finite_gradients():
     types[1] = PROMPT_PAD  # sample 1: no valid point, no mask
     out = _apply(model, variables, points, types, mask, has)
     absent = np.asarray(nn.unbox(variables["params"])["absent_tokens"])
-    np.testing.assert_array_equal(out[1], absent)
+    chex.assert_trees_all_equal(out[1], absent)
     assert not np.allclose(out[0, 0], absent[0]) and not np.allclose(out[0, 1], absent[1])
     assert not np.allclose(out[2, 1], absent[1])  # sample 2 has a mask: computed token
 
@@ -159,16 +166,14 @@ def test_absent_prompt_path_and_finite_gradients():
     def loss(params):
         return jnp.sum(model.apply({"params": params}, *all_absent) ** 2)
 
-    grads = jax.grad(loss)(variables["params"])
-    for g in jax.tree.leaves(grads):
-        assert np.isfinite(np.asarray(g)).all()
+    chex.assert_tree_all_finite(jax.grad(loss)(variables["params"]))
 
 
 def test_dense_token_resolution_independence():
     model, variables = _model_and_vars()
     points, types, mask, has = _inputs()
     up = np.repeat(np.repeat(mask, 4, axis=1), 4, axis=2)
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         _apply(model, variables, points, types, up, has),
         _apply(model, variables, points, types, mask, has),
         rtol=1e-5,
@@ -188,7 +193,7 @@ def test_mask_downscaler_matches_torch_sam_restatement():
         nn.unbox(variables["params"]),
     )
     got = np.asarray(module.apply({"params": params}, jnp.asarray(mask)))
-    assert got.shape == (2, size // 4, size // 4, embed)
+    chex.assert_shape(got, (2, size // 4, size // 4, embed))
 
     def layer_norm_2d(x, p):  # SAM's LayerNorm2d over channels of NCHW
         u = x.mean(1, keepdim=True)
@@ -209,7 +214,7 @@ def test_mask_downscaler_matches_torch_sam_restatement():
         x = gelu(layer_norm_2d(conv(x, params["conv_0"], 2), params["norm_0"]["norm"]))
         x = gelu(layer_norm_2d(conv(x, params["conv_1"], 2), params["norm_1"]["norm"]))
         x = conv(x, params["conv_out"], 1)
-    np.testing.assert_allclose(got, x.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(got, x.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_validation_errors_name_shapes():
@@ -253,4 +258,18 @@ def test_projection_when_fourier_width_differs():
     cfg = PromptEncoderConfig(**{**CFG.__dict__, "num_fourier_features": 10})
     model, variables = _model_and_vars(cfg)
     assert "pos_proj" in nn.unbox(variables["params"])
-    assert _apply(model, variables, *_inputs()).shape == (B, 2, cfg.out_dim)
+    chex.assert_shape(_apply(model, variables, *_inputs()), (B, 2, cfg.out_dim))
+
+
+class JitVariantsTest(chex.TestCase):
+    """The positional embedding is the same eagerly and under jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_position_embedding_matches_sam_formula(self):
+        gaussian = fourier_matrix(CFG)
+        coords = np.random.default_rng(1).uniform(size=(4, 5, 2)).astype(np.float32)
+        got = self.variant(fourier_position_embedding)(jnp.asarray(coords), jnp.asarray(gaussian))
+        chex.assert_shape(got, (4, 5, CFG.num_fourier_features))
+        chex.assert_trees_all_close(
+            got, _sam_position_embedding(coords, gaussian), atol=2e-5, rtol=1e-7
+        )

@@ -3,22 +3,28 @@
 import json
 import os
 
+import chex
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pixelvla_jax.data import statistics
 from pixelvla_jax.data.generate import write_synthetic_dataset
+from pixelvla_jax.data.normalization import normalize_bounds_q99, unnormalize_bounds_q99
 from pixelvla_jax.data.step_index import StepDataset
 from pixelvla_jax.data.trajectory import standardize_gripper
 
 
 def _check_against_numpy(entry, x, mask):
-    np.testing.assert_allclose(entry["q01"], np.quantile(x, 0.01, axis=0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(entry["q99"], np.quantile(x, 0.99, axis=0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(entry["mean"], x.mean(0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(entry["std"], x.std(0), rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(entry["min"], x.min(0))
-    np.testing.assert_array_equal(entry["max"], x.max(0))
+    as_arrays = lambda keys: {k: np.asarray(entry[k]) for k in keys}
+    expected = {
+        "q01": np.quantile(x, 0.01, axis=0),
+        "q99": np.quantile(x, 0.99, axis=0),
+        "mean": x.mean(0),
+        "std": x.std(0),
+    }
+    chex.assert_trees_all_close(as_arrays(expected), expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_equal(as_arrays(["min", "max"]), {"min": x.min(0), "max": x.max(0)})
     assert entry["mask"] == list(mask)
 
 
@@ -75,3 +81,30 @@ def test_other_data_gets_other_statistics_key(tmp_path):
     b = StepDataset(write_synthetic_dataset(tmp_path / "b", "libero", 2, 5, 16, seed=0))
     assert a.index.key != b.index.key
     assert a.statistics()["num_transitions"] == 8 and b.statistics()["num_transitions"] == 10
+
+
+class NormalizationJitTest(chex.TestCase):
+    """BOUNDS_Q99 normalisation with computed statistics: jnp path == numpy path, with and
+    without jit, and unnormalise(normalise(a)) == a inside [q01, q99]."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bounds_q99_round_trip_with_computed_statistics(self):
+        rng = np.random.default_rng(1)
+        actions = rng.normal(size=(500, 7)).astype(np.float32)
+        mask = [True] * 6 + [False]
+        stats = statistics.compute_statistics(actions, np.zeros((500, 0)), 3, action_mask=mask)
+        entry = stats["action"]
+        normalize = self.variant(lambda a: normalize_bounds_q99(a, entry))
+        unnormalize = self.variant(lambda a: unnormalize_bounds_q99(a, entry))
+
+        normed = normalize(jnp.asarray(actions))
+        chex.assert_type(normed, jnp.float32)
+        chex.assert_trees_all_close(
+            normed, normalize_bounds_q99(actions, entry), rtol=1e-6, atol=1e-6
+        )
+        assert float(jnp.abs(normed[:, :6]).max()) <= 1.0
+        chex.assert_trees_all_equal(normed[:, 6], actions[:, 6])  # unmasked dim passes through
+
+        inside = np.clip(actions, np.asarray(entry["q01"]), np.asarray(entry["q99"]))
+        back = unnormalize(normalize(jnp.asarray(inside)))
+        chex.assert_trees_all_close(back, inside, rtol=1e-5, atol=1e-5)

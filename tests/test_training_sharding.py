@@ -1,5 +1,6 @@
 """Mesh construction and logical-axis shardings on the 8 simulated CPU devices."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ def init_params(rng):
 
 
 def test_make_mesh_shapes_and_errors():
+    assert jax.device_count() == 8  # conftest's chex.set_n_cpu_devices(8)
     m = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2})
     assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert m.axis_types == (jax.sharding.AxisType.Auto,) * 3
@@ -123,8 +125,9 @@ def test_train_state_is_born_sharded_and_opt_state_mirrors_params():
     assert state.params["w_in"].sharding.spec == P("fsdp", "tensor")
     assert state.params["w_in"].sharding.mesh.shape == mesh.shape
     # Each device holds a quarter of w_in (split over fsdp x tensor).
-    assert state.params["w_in"].addressable_shards[0].data.shape == (4, 8)
+    chex.assert_shape(state.params["w_in"].addressable_shards[0].data, (4, 8))
     adam = state.opt_state[0]
+    chex.assert_trees_all_equal_shapes(adam.mu, adam.nu, state.params)
     assert adam.mu["w_in"].sharding.spec == P("fsdp", "tensor")
     assert adam.nu["emb"].sharding.spec == P("tensor", "fsdp")
     assert adam.count.sharding.spec == P()
@@ -137,7 +140,7 @@ def test_batch_sharding_and_logical_constraints_in_jit():
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
     batch = sharding.shard_batch({"x": np.ones((8, 3, 8), np.float32)}, mesh)
     assert batch["x"].sharding.spec == P(("data", "fsdp"))
-    assert batch["x"].addressable_shards[0].data.shape == (2, 3, 8)
+    chex.assert_shape(batch["x"].addressable_shards[0].data, (2, 3, 8))
     with pytest.raises(ValueError, match="Batch entry 'x' has shape \\(6, 3, 8\\)"):
         sharding.shard_batch({"x": np.ones((6, 3, 8), np.float32)}, mesh)
 
@@ -149,10 +152,10 @@ def test_batch_sharding_and_logical_constraints_in_jit():
         hlo = apply.lower(params, batch["x"]).as_text()
     # The activation constraints reached the compiler: [B, L, mlp] split over data*fsdp, tensor.
     assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo, hlo[:2000]
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
+    chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=0)
     # Without a mesh the constraints are no-ops.
     out = jax.jit(lambda p, x: Toy().apply({"params": p}, x))(params, np.ones((8, 3, 8)))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
+    chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=0)
 
 
 def test_describe_shardings():

@@ -2,12 +2,18 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelvla_jax.models.vision import FusedVisionBackbone, Projector, VisionConfig
+from pixelvla_jax.models.vision import (
+    FusedVisionBackbone,
+    Projector,
+    VisionConfig,
+    image_to_unit_float,
+)
 from pixelvla_jax.testing.torch_reference import import_timm, import_torch
 from pixelvla_jax.weights.timm_vision import (
     projector_params_from_torch,
@@ -85,18 +91,17 @@ def test_fused_backbone_and_projector_match_openvla_composition():
         return fused, Projector(cfg).apply({"params": pp}, fused), extra
 
     fused, out, extra = jax.jit(forward)(params, proj_params, jnp.asarray(image))
-    assert fused.shape == (2, cfg.num_patches, cfg.dino.width + cfg.siglip.width)
-    assert out.shape == (2, cfg.num_patches, cfg.llm_dim)
-    np.testing.assert_allclose(np.asarray(fused), ref_fused, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out), ref_out, atol=1e-5, rtol=0)
+    chex.assert_shape(fused, (2, cfg.num_patches, cfg.dino.width + cfg.siglip.width))
+    chex.assert_shape(out, (2, cfg.num_patches, cfg.llm_dim))
+    chex.assert_trees_all_close(fused, ref_fused, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(out, ref_out, atol=1e-5, rtol=0)
     assert len(extra) == len(levels)
-    for e, r in zip(extra, ref_levels):
-        assert e.shape == (2, cfg.num_patches, cfg.siglip.width)
-        np.testing.assert_allclose(np.asarray(e), r, atol=1e-5, rtol=0)
+    chex.assert_shape(list(extra), (2, cfg.num_patches, cfg.siglip.width))
+    chex.assert_trees_all_close(list(extra), ref_levels, atol=1e-5, rtol=0)
 
     # A float image in [0, 1] is the same input as uint8 / 255.
     fused_f, _, _ = jax.jit(forward)(params, proj_params, jnp.asarray(image / 255.0, jnp.float32))
-    np.testing.assert_allclose(np.asarray(fused_f), np.asarray(fused), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(fused_f, fused, atol=1e-5, rtol=0)
 
 
 def test_scan_layout_and_bf16_compute():
@@ -111,7 +116,7 @@ def test_scan_layout_and_bf16_compute():
     }
     bf16 = FusedVisionBackbone(cfg, dtype=jnp.bfloat16, scan_layers=True, remat=True)
     out, _ = jax.jit(lambda p, im: bf16.apply({"params": p}, im))(stacked, image)
-    assert out.dtype == jnp.bfloat16
+    chex.assert_type(out, jnp.bfloat16)
     ref = np.asarray(ref)
     rel = np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
     assert rel < 3e-2, rel
@@ -127,8 +132,9 @@ def test_full_size_shapes_and_parameter_counts():
     fused, extra = jax.eval_shape(
         lambda v, im: backbone.apply(v, im, siglip_levels=(6, 12)), variables, image
     )
-    assert fused.shape == (2, 256, 2176)
-    assert [e.shape for e in extra] == [(2, 256, 1152)] * 2
+    chex.assert_shape(fused, (2, 256, 2176))
+    assert len(extra) == 2
+    chex.assert_shape(list(extra), (2, 256, 1152))
 
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
     with torch.device("meta"):
@@ -142,7 +148,7 @@ def test_full_size_shapes_and_parameter_counts():
     projector = Projector(cfg)
     pvars = jax.eval_shape(projector.init, jax.random.key(0), fused)
     assert count(pvars) == 2176 * 8704 + 8704 + 8704 * 4096 + 4096 + 4096 * 4096 + 4096
-    assert jax.eval_shape(projector.apply, pvars, fused).shape == (2, 256, 4096)
+    chex.assert_shape(jax.eval_shape(projector.apply, pvars, fused), (2, 256, 4096))
 
 
 def test_input_errors():
@@ -153,3 +159,16 @@ def test_input_errors():
         FusedVisionBackbone(cfg).apply({"params": params}, jnp.zeros((1, 50, 56, 3)))
     with pytest.raises(ValueError, match=r"\[\.\.\., 80\].*\(1, 4, 79\)"):
         Projector(cfg).apply({"params": proj_params}, jnp.zeros((1, 4, 79)))
+
+
+class JitVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_image_to_unit_float(self):
+        """uint8 images are scaled to [0, 1] in float32; float images pass through."""
+        image = np.random.default_rng(2).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+        to_unit = self.variant(image_to_unit_float)
+        unit = to_unit(jnp.asarray(image))
+        chex.assert_type(unit, jnp.float32)
+        chex.assert_trees_all_close(unit, image.astype(np.float32) / 255.0, rtol=1e-6, atol=0)
+        floats = jnp.asarray(image / 255.0, jnp.float32)
+        chex.assert_trees_all_equal(to_unit(floats), floats)

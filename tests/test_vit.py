@@ -4,6 +4,7 @@ scan/unrolled layouts, bf16, parameter counts of the full-size towers, input err
 import dataclasses
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,8 @@ def test_patch_features_match_timm_at_several_blocks(kind):
     ref = dict(zip(sorted(indices), ref))
     out = run_vit(cfg, params, x, indices)
     assert len(out) == len(indices)
-    for i, o in zip(indices, out):
-        assert o.shape == (2, cfg.num_patches, cfg.width)
-        np.testing.assert_allclose(o, ref[i], atol=1e-5, rtol=0)
+    chex.assert_shape(out, (2, cfg.num_patches, cfg.width))
+    chex.assert_trees_all_close(out, [ref[i] for i in indices], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "siglip"])
@@ -100,9 +100,9 @@ def test_pooled_output_matches_timm_forward(kind):
     levels, pooled = jax.jit(
         lambda p, im: ViT(cfg).apply({"params": p}, im, [1], return_pooled=True)
     )(params, x)
-    assert pooled.shape == (2, cfg.width)
-    np.testing.assert_allclose(np.asarray(pooled), ref, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(levels[0]), timm_levels(model, x, [1])[0], atol=1e-5)
+    chex.assert_shape(pooled, (2, cfg.width))
+    chex.assert_trees_all_close(pooled, ref, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(levels[0], timm_levels(model, x, [1])[0], atol=1e-5, rtol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "siglip"])
@@ -112,8 +112,8 @@ def test_position_embedding_resampling_matches_timm(kind):
         x = images(shape, seed=2)
         indices = [cfg.depth - 2]
         out = run_vit(cfg, params, x, indices)
-        assert out[0].shape == (1, (shape[1] // 14) * (shape[2] // 14), cfg.width)
-        np.testing.assert_allclose(out[0], timm_levels(model, x, indices)[0], atol=1e-5, rtol=0)
+        chex.assert_shape(out[0], (1, (shape[1] // 14) * (shape[2] // 14), cfg.width))
+        chex.assert_trees_all_close(out, timm_levels(model, x, indices), atol=1e-5, rtol=0)
 
 
 def test_scan_and_unrolled_layouts_agree_with_remat_and_grads():
@@ -121,11 +121,10 @@ def test_scan_and_unrolled_layouts_agree_with_remat_and_grads():
     x = jnp.asarray(images((2, 56, 56, 3), seed=3))
     indices = [2, 0]
     stacked = stack_block_params(params, cfg.depth)
-    assert stacked["blocks"]["attn"]["query_kernel"].shape == (cfg.depth, cfg.width, 2, 16)
+    chex.assert_shape(stacked["blocks"]["attn"]["query_kernel"], (cfg.depth, cfg.width, 2, 16))
     ref = run_vit(cfg, params, x, indices)
     out = run_vit(cfg, stacked, x, indices, scan_layers=True)
-    for o, r in zip(out, ref):
-        np.testing.assert_allclose(o, r, atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(out, ref, atol=1e-6, rtol=0)
 
     def loss(p, scan):
         outs = ViT(cfg, scan_layers=scan, remat=scan).apply({"params": p}, x, indices)
@@ -134,15 +133,12 @@ def test_scan_and_unrolled_layouts_agree_with_remat_and_grads():
     g_unrolled = jax.jit(jax.grad(functools.partial(loss, scan=False)))(params)
     g_scan = jax.jit(jax.grad(functools.partial(loss, scan=True)))(stacked)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(g_scan))
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
-        stack_block_params(g_unrolled, cfg.depth),
-        g_scan,
+    chex.assert_trees_all_close(
+        stack_block_params(g_unrolled, cfg.depth), g_scan, rtol=1e-4, atol=1e-5 * scale
     )
     # Unused later blocks get zero gradient (they do not run).
     assert float(jnp.abs(g_scan["blocks"]["mlp"]["fc1_kernel"][3]).max()) == 0.0
-    back = unstack_block_params(stacked)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+    chex.assert_trees_all_equal(unstack_block_params(stacked), params)
 
 
 def test_init_layouts_and_logical_axes():
@@ -156,22 +152,16 @@ def test_init_layouts_and_logical_axes():
     assert isinstance(scanned["blocks"]["mlp"]["fc1_kernel"], nn.Partitioned)
     assert scanned["blocks"]["mlp"]["fc1_kernel"].names == ("layers", "embed", "mlp")
     assert unrolled["block_0"]["attn"]["query_kernel"].names == ("embed", "heads", "head_dim")
-    shape_of = lambda tree: jax.tree_util.tree_map(lambda a: tuple(a.shape), nn.meta.unbox(tree))
-    un_shapes, sc_shapes = shape_of(unrolled), shape_of(scanned)
-    for i in range(cfg.depth):
-        assert un_shapes.pop(f"block_{i}") == un_shapes_block0(unrolled)
-    expected = jax.tree_util.tree_map(
-        lambda s: (cfg.depth, *s),
-        un_shapes_block0(unrolled),
-        is_leaf=lambda s: isinstance(s, tuple),
+    un, sc = dict(nn.meta.unbox(unrolled)), dict(nn.meta.unbox(scanned))
+    blocks = [un.pop(f"block_{i}") for i in range(cfg.depth)]
+    chex.assert_trees_all_equal_shapes(*blocks)
+    # The scanned layout is the same block stacked on a leading "layers" axis.
+    stacked_block = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((cfg.depth, *a.shape), a.dtype), blocks[0]
     )
-    assert sc_shapes.pop("blocks") == expected
-    assert sc_shapes == un_shapes
-    assert set(un_shapes) == {"patch_kernel", "patch_bias", "pos_embed", "norm", "attn_pool"}
-
-
-def un_shapes_block0(params):
-    return jax.tree_util.tree_map(lambda a: tuple(a.shape), nn.meta.unbox(params["block_0"]))
+    chex.assert_trees_all_equal_shapes(sc.pop("blocks"), stacked_block)
+    chex.assert_trees_all_equal_shapes(sc, un)
+    assert set(un) == {"patch_kernel", "patch_bias", "pos_embed", "norm", "attn_pool"}
 
 
 def test_bf16_compute_stays_close():
@@ -179,7 +169,7 @@ def test_bf16_compute_stays_close():
     x = images((2, 56, 56, 3), seed=4)
     ref = run_vit(cfg, params, x, [cfg.depth - 2])[0]
     out = run_vit(cfg, params, x, [cfg.depth - 2], dtype=jnp.bfloat16)[0]
-    assert out.dtype == jnp.bfloat16
+    chex.assert_type(out, jnp.bfloat16)
     rel = np.abs(out.astype(np.float32) - ref).max() / np.abs(ref).max()
     assert rel < 3e-2, rel
 
@@ -235,8 +225,7 @@ def test_sharded_forward_under_logical_rules_matches_unsharded():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         out = jax.jit(lambda p, im: model.apply({"params": p}, im, indices))(stacked, x)
     assert out[0].sharding.spec[0] == "data"
-    for o, r in zip(out, ref):
-        np.testing.assert_allclose(np.asarray(o), r, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(list(out), ref, atol=1e-5, rtol=0)
 
 
 def test_sincos2d_position_init_encodes_rows_and_columns():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import chex
 import jax
 import ml_dtypes
 import numpy as np
@@ -36,11 +37,12 @@ def test_bf16_round_trip_and_cross_library(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     ckpt = open_checkpoint(path)
     assert sorted(ckpt.keys()) == sorted(tensors)
+    got = {name: ckpt.get(name) for name in tensors}
+    chex.assert_type(list(got.values()), [value.dtype for value in tensors.values()])
+    chex.assert_trees_all_equal_shapes(got, tensors)
+    chex.assert_trees_all_equal(got, tensors)
     for name, value in tensors.items():
-        got = ckpt.get(name)
-        assert got.dtype == value.dtype and ckpt.dtype(name) == value.dtype
-        assert ckpt.shape(name) == value.shape == got.shape
-        np.testing.assert_array_equal(got, value)
+        assert ckpt.dtype(name) == value.dtype and ckpt.shape(name) == value.shape
 
     # Our file reads back in the reference library, and theirs in ours (bf16 bit-exact).
     theirs = torch_load(str(path))
@@ -62,8 +64,7 @@ def test_sharded_checkpoint_directory(tmp_path):
     assert len(shards) == 3
     ckpt = open_checkpoint(tmp_path / "ckpt")
     assert sorted(ckpt.keys()) == sorted(tensors) and len(ckpt) == 5
-    for name, value in tensors.items():
-        np.testing.assert_array_equal(ckpt[name], value)
+    chex.assert_trees_all_equal({name: ckpt[name] for name in tensors}, tensors)
     with pytest.raises(KeyError, match=r"'nope'.*ckpt"):
         ckpt.get("nope")
 
@@ -127,7 +128,7 @@ def test_openvla_checkpoint_import_matches_torch(tmp_path):
     ckpt = open_checkpoint(tmp_path / "openvla")
     params = vision_params_from_checkpoint(ckpt, cfg)
     assert set(params) == {"dino", "siglip", "projector"}
-    assert params["dino"]["block_0"]["ls1"].dtype == np.float32
+    chex.assert_type(jax.tree.leaves(params), np.float32)  # bf16 file, float32 params
 
     image = np.random.default_rng(0).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
     x = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0
@@ -147,13 +148,13 @@ def test_openvla_checkpoint_import_matches_torch(tmp_path):
         return Projector(cfg).apply({"params": p["projector"]}, fused)
 
     out = jax.jit(forward, static_argnums=2)(params, image, False)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=0)
 
     scanned = vision_params_from_checkpoint(ckpt, cfg, scan_layers=True)
     stacked_dino = stack_block_params(params["dino"], cfg.dino.depth)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, scanned["dino"], stacked_dino)
+    chex.assert_trees_all_equal(scanned["dino"], stacked_dino)
     out_scan = jax.jit(forward, static_argnums=2)(scanned, image, True)
-    np.testing.assert_allclose(np.asarray(out_scan), ref, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(out_scan, ref, atol=1e-5, rtol=0)
 
 
 def _tiny_dino_tensors():
@@ -174,7 +175,7 @@ def _tiny_dino_tensors():
 def test_import_errors_name_the_tensor_and_shapes():
     cfg, sd = _tiny_dino_tensors()
     params = vit_params_from_torch(sd.__getitem__, cfg)  # timm's own `.gamma` names work too
-    assert params["block_3"]["ls2"].shape == (cfg.width,)
+    chex.assert_shape(params["block_3"]["ls2"], (cfg.width,))
 
     missing = dict(sd)
     del missing["blocks.2.mlp.fc1.bias"]
