@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pixelvla_jax.annotate import config as C  # noqa: E402
-from pixelvla_jax.annotate import tiny_models  # noqa: E402
+from pixelvla_jax.annotate import hf_backends, tiny_models  # noqa: E402
 from pixelvla_jax.annotate.backends import FrameRef  # noqa: E402
 from pixelvla_jax.annotate.pipeline import region_proposals, segment_target  # noqa: E402
 from pixelvla_jax.annotate.runner import EpisodeReader  # noqa: E402
@@ -49,7 +49,7 @@ def bench_tiny(root: str, episodes: int, image: int) -> dict:
         with_annotations=False,
     )
     paths = tiny_models.save_all(os.path.join(root, "tiny"))
-    backends = tiny_models.hf_backends(paths, video_mask_threshold=-1e4)
+    backends = hf_backends.build_backends(paths, video_mask_threshold=-1e4)
     cfg = C.AnnotateConfig(detection_threshold=0.0, min_mask_area=0.0, max_mask_area=1.0)
     source = rlds.open_rlds(path)
     spec = get_spec(source.name)
@@ -99,17 +99,17 @@ def bench_default(root: str, llm_size: str, repeats: int) -> dict:
         HFNounExtractor,
         HFSegmenter,
         HFVideoSegmenter,
-        _torch,
-        _transformers,
+        import_torch,
+        import_transformers,
     )
 
-    tr, torch = _transformers(), _torch()
+    tr, torch = import_transformers(), import_torch()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (4, 256, 256, 3)).astype(np.uint8)  # Bridge-sized frames
     crop = frames[0, 60:180, 50:190]
     tok_dir = os.path.join(root, "tok")
-    tiny_models._word_tokenizer(tok_dir, bert=True)
+    tiny_models.save_word_tokenizer(tok_dir, bert=True)
     out = {}
 
     video = HFVideoSegmenter(
@@ -138,7 +138,7 @@ def bench_default(root: str, llm_size: str, repeats: int) -> dict:
 
     if llm_size != "none":
         llm_dir = os.path.join(root, "llm_tok")
-        tiny_models._word_tokenizer(llm_dir, bert=False)
+        tiny_models.save_word_tokenizer(llm_dir, bert=False)
         shapes = {  # Llama-style decoders of common small instruction-model shapes
             "0.5b": dict(
                 hidden_size=896,

@@ -61,9 +61,13 @@ case "$CMD" in
     ;;
   install)
     here="$(cd "$(dirname "$0")/.." && pwd)"
+    # The tested versions: jax[tpu] at setup.cfg's lower bound for jax, the rest from
+    # constraints.txt (libtpu follows from the jax release).
+    jax_version="$(sed -n 's/^ *jax>=\([0-9.]*\).*/\1/p' "$here/setup.cfg")"
+    [[ -n "$jax_version" ]] || { echo "no 'jax>=' requirement in $here/setup.cfg" >&2; exit 2; }
     run gcloud compute tpus tpu-vm scp --recurse "$here" "$TPU_NAME:~/$REMOTE_DIR" \
       --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
-    on_all_workers "cd ~/$REMOTE_DIR && pip install -U pip && pip install -e . 'jax[tpu]'"
+    on_all_workers "cd ~/$REMOTE_DIR && pip install -U pip && pip install -e . 'jax[tpu]==$jax_version' -c constraints.txt"
     ;;
   train)
     : "${WORKDIR:?set WORKDIR=gs://... (checkpoints and logs are written there)}"

@@ -3,6 +3,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,12 +71,12 @@ def test_close_event_options_and_errors():
 
 
 def test_close_event_matches_synthetic_raw_layouts():
-    """The generator's raw gripper columns (generate._raw_gripper) close at length // 2."""
-    from pixelvla_jax.data.generate import _raw_gripper
+    """The generator's raw gripper columns (generate.raw_gripper) close at length // 2."""
+    from pixelvla_jax.data.generate import raw_gripper
 
     for fmt in ("libero", "bridge", "fractal"):
         for length in (4, 7, 10):
-            assert find_close_event(_raw_gripper(fmt, length), fmt) == length // 2, (fmt, length)
+            assert find_close_event(raw_gripper(fmt, length), fmt) == length // 2, (fmt, length)
 
 
 # ------------------------------------------------------------------ geometry / composition
@@ -119,6 +121,21 @@ def test_rule_nouns():
     assert rules.extract("open the top drawer and put the bowl inside") == "top drawer"
     assert rules.extract("knock over the coke can") == "coke can"
     assert rules.extract("sponge") == "sponge"
+
+
+def test_transformers_backends_name_the_annotate_extra(monkeypatch):
+    """A missing torch asks for the `annotate` extra; the CLI never imports the test helpers."""
+    from pixelvla_jax.annotate import hf_backends
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[annotate\]"'):
+        hf_backends.import_torch()
+    code = (
+        "import sys, pixelvla_jax.annotate.__main__, pixelvla_jax.annotate.hf_backends; "
+        "print(sorted(m for m in sys.modules if m.startswith('pixelvla_jax.testing')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_shards_are_deterministic_and_spread():

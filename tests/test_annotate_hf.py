@@ -9,7 +9,8 @@ import pytest
 from pixelvla_jax.annotate import __main__ as cli
 from pixelvla_jax.annotate.backends import FrameRef
 from pixelvla_jax.annotate.config import GripperPrompt
-from pixelvla_jax.annotate.tiny_models import hf_backends, save_all
+from pixelvla_jax.annotate.hf_backends import build_backends
+from pixelvla_jax.annotate.tiny_models import save_all
 from pixelvla_jax.data import annotations as ann
 from pixelvla_jax.data.generate import write_synthetic_dataset
 from pixelvla_jax.data.step_index import StepDataset
@@ -21,7 +22,7 @@ def tiny_models(tmp_path_factory):
 
 
 def test_backends_shapes_and_llm_fallback(tiny_models):
-    b = hf_backends(tiny_models)
+    b = build_backends(tiny_models)
     frames = np.random.default_rng(0).integers(0, 255, (3, 48, 40, 3)).astype(np.uint8)
     masks, scores = b.video_segmenter.segment_video(
         frames, GripperPrompt(box=(0.1, 0.1, 0.6, 0.6)), [FrameRef("e", i) for i in range(3)]
@@ -96,4 +97,4 @@ def test_cli_names_missing_models(tmp_path, capsys):
     assert cli.main([f"--dataset={tmp_path}", f"--out={tmp_path}/o"]) == 2
     assert "--video_segmenter=PATH" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        hf_backends({"video_segmenter": str(tmp_path / "nope"), "detector": "", "segmenter": ""})
+        build_backends({"video_segmenter": str(tmp_path / "nope"), "detector": "", "segmenter": ""})

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 
 import pytest
@@ -41,6 +42,15 @@ def test_install_copies_to_all_workers_then_installs():
     assert len(cmds) == 2
     assert "tpu-vm scp --recurse" in cmds[0] and "--worker=all" in cmds[0]
     assert "--worker=all" in cmds[1] and "pip\\ install\\ -e" in cmds[1]
+
+
+def test_install_pins_the_tested_jax_tpu():
+    """jax[tpu] at setup.cfg's jax lower bound, everything else from constraints.txt."""
+    (install,) = _commands(_dry_run("install", TPU_NAME="t1"))[1:]
+    setup = (SCRIPT.parents[1] / "setup.cfg").read_text()
+    (tested,) = re.findall(r"^\s*jax>=([0-9.]+)", setup, re.M)
+    assert f"jax[tpu]=={tested}" in install.replace("\\", "")
+    assert "-c\\ constraints.txt" in install
 
 
 def test_train_runs_on_all_workers_with_gcs_dirs():

@@ -1,4 +1,4 @@
-"""Pixel-160K annotation pipeline: target masks for any RLDS dataset (DESIGN §1.6).
+"""Pixel-160K annotation pipeline: target masks for any RLDS dataset (docs/design.md §1.6).
 
     python -m pixelvla_jax.annotate --dataset=DIR --out=DIR --video_segmenter=PATH \
         --detector=PATH --segmenter=PATH [--llm=PATH]
@@ -7,7 +7,8 @@ Modules: `config` (every threshold), `gripper` (close events, boxes), `backends`
 interfaces, rule-based nouns), `pipeline` (the two stages), `runner` (sharding, caches,
 output dataset, report), `oracle` / `pixelref_truth` / `libero_truth` (ground-truth
 backends for the PixelRef and LIBERO simulators),
-`hf_backends` / `tiny_models` (transformers backends; import torch only when used).
+`hf_backends` (the transformers backends and `build_backends`, torch imported only when
+used), `tiny_models` (random tiny transformers checkpoints for tests and benchmarks).
 """
 
 from pixelvla_jax.annotate.backends import (

@@ -121,8 +121,8 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    from pixelvla_jax.annotate.hf_backends import build_backends
     from pixelvla_jax.annotate.runner import annotate_dataset
-    from pixelvla_jax.annotate.tiny_models import hf_backends
     from pixelvla_jax.data import rlds
     from pixelvla_jax.data.registry import spec_for_format
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if args.format:
         name = args.name or rlds.read_dataset_info(rlds.resolve_version_dir(args.dataset))["name"]
         spec = spec_for_format(args.format, name)
-    backends = hf_backends(
+    backends = build_backends(
         {
             "video_segmenter": args.video_segmenter,
             "detector": args.detector,

@@ -26,23 +26,22 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from pixelvla_jax.annotate.backends import Detection, FrameRef, RuleNounExtractor
+from pixelvla_jax import torch_imports
+from pixelvla_jax.annotate.backends import Backends, Detection, FrameRef, RuleNounExtractor
 from pixelvla_jax.annotate.config import GripperPrompt
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _transformers():
-    from pixelvla_jax.testing.torch_reference import import_transformers
+def import_transformers():
+    """The `transformers` module (offline), or an ImportError naming the `annotate` extra."""
+    return torch_imports.import_transformers("annotate")
 
-    return import_transformers()
 
-
-def _torch():
-    from pixelvla_jax.testing.torch_reference import import_torch
-
-    return import_torch()
+def import_torch():
+    """The `torch` module, or an ImportError naming the `annotate` extra."""
+    return torch_imports.import_torch("annotate")
 
 
 def _preprocessor(path: str) -> dict:
@@ -82,8 +81,8 @@ class HFVideoSegmenter:
     """SAM 2 video (`Sam2VideoModel`): one object prompted on frame 0, propagated forward."""
 
     def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0, model=None):
-        tr = _transformers()
-        self.torch = _torch()
+        tr = import_transformers()
+        self.torch = import_torch()
         self.mask_threshold = mask_threshold
         if model is None:  # `model`: an already built Sam2VideoModel (benchmarks)
             model = tr.Sam2VideoModel.from_pretrained(
@@ -142,8 +141,8 @@ class HFDetector:
     """Grounding DINO (`GroundingDinoForObjectDetection`) with its tokenizer."""
 
     def __init__(self, path: str, device: str = "cpu", max_detections: int = 10, model=None):
-        tr = _transformers()
-        self.torch = _torch()
+        tr = import_transformers()
+        self.torch = import_torch()
         path = _check_dir(path, "detector")
         if model is None:
             model = tr.GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True)
@@ -203,8 +202,8 @@ class HFSegmenter:
     """SAM (`SamModel`) prompted with one box; multimask output, scores = predicted IoU."""
 
     def __init__(self, path: str, device: str = "cpu", mask_threshold: float = 0.0, model=None):
-        tr = _transformers()
-        self.torch = _torch()
+        tr = import_transformers()
+        self.torch = import_torch()
         self.mask_threshold = mask_threshold
         if model is None:
             model = tr.SamModel.from_pretrained(
@@ -272,8 +271,8 @@ class HFNounExtractor:
         require_in_instruction: bool = True,
         model=None,
     ):
-        tr = _transformers()
-        self.torch = _torch()
+        tr = import_transformers()
+        self.torch = import_torch()
         path = _check_dir(path, "noun LLM")
         if model is None:
             model = tr.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -308,3 +307,15 @@ class HFNounExtractor:
         if not words or (self.require_in_instruction and not set(words) <= known):
             return self.rules.extract(instruction)
         return " ".join(words)
+
+
+def build_backends(
+    paths: dict[str, str], device: str = "cpu", video_mask_threshold: float = 0.0
+) -> Backends:
+    """Backends from model folders {video_segmenter, detector, segmenter, llm (optional)}."""
+    return Backends(
+        video_segmenter=HFVideoSegmenter(paths["video_segmenter"], device, video_mask_threshold),
+        detector=HFDetector(paths["detector"], device),
+        segmenter=HFSegmenter(paths["segmenter"], device),
+        nouns=HFNounExtractor(paths["llm"], device) if paths.get("llm") else RuleNounExtractor(),
+    )

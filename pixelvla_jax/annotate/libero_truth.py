@@ -161,7 +161,7 @@ class LiberoTruth:
     def _file(self, path: str, bddl: str) -> dict:
         if path not in self._files:
             meta, demos = libero_replay.read_demos(path)
-            bddl_file = libero_replay._task_bddl(meta, path, bddl)  # noqa: SLF001 - same lookup
+            bddl_file = libero_replay.task_bddl(meta, path, bddl)
             self._files[path] = {
                 "bddl": bddl_file,
                 "target": libero_lib.target_object(bddl_file),
@@ -214,11 +214,7 @@ class LiberoTruth:
                 )
             env.sim.set_state_from_flattened(np.asarray(state, np.float64))
             env.sim.forward()
-            seg = env.segmentation(self.camera)
-            hit = (seg[..., 0] == libero_lib._MJ_OBJ_GEOM) & np.isin(  # noqa: SLF001
-                seg[..., 1], self._geoms[bddl_file, what]
-            )
-            mask = libero_lib.rotate_180(hit)
+            mask = env.geom_mask(self._geoms[bddl_file, what], self.camera)
         self._cache[key] = mask
         return mask
 

@@ -138,7 +138,7 @@ class EpisodeReader:
         if self.spec.episode_id_key:
             episode = self.source.episodes[index] if episode is None else episode
             with contextlib.suppress(KeyError):
-                return rlds.as_text(ann._lookup(episode, self.spec.episode_id_key))  # noqa: SLF001
+                return rlds.as_text(ann.lookup(episode, self.spec.episode_id_key))
         return f"episode_{index}"
 
     def read(self, index: int, episode_id: str) -> EpisodeInput:

@@ -61,12 +61,13 @@ _WORDS = [
 ]
 
 
-def _word_tokenizer(path: str, bert: bool) -> None:
+def save_word_tokenizer(path: str, bert: bool) -> None:
+    """Writes a word-level fast tokenizer of the test vocabulary (BERT-style with `bert`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from pixelvla_jax.annotate.hf_backends import _transformers
+    from pixelvla_jax.annotate.hf_backends import import_transformers
 
-    tr = _transformers()
+    tr = import_transformers()
     digits = [str(i) for i in range(10)]
     vocab = {w: i for i, w in enumerate(list(dict.fromkeys(_WORDS + digits)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -98,9 +99,9 @@ def _save(model, path: str, preprocessor: dict | None = None) -> str:
 
 
 def sam2_video_config(size: str = "tiny"):
-    from pixelvla_jax.annotate.hf_backends import _transformers
+    from pixelvla_jax.annotate.hf_backends import import_transformers
 
-    tr = _transformers()
+    tr = import_transformers()
     if size == "default":
         return tr.Sam2VideoConfig()
     s = 128  # image side; the memory attention's key width (64) is fixed in transformers
@@ -149,18 +150,18 @@ def sam2_video_config(size: str = "tiny"):
 
 
 def save_video_segmenter(path: str, size: str = "tiny") -> str:
-    from pixelvla_jax.annotate.hf_backends import _torch, _transformers
+    from pixelvla_jax.annotate.hf_backends import import_torch, import_transformers
 
-    _torch().manual_seed(0)
-    model = _transformers().Sam2VideoModel(sam2_video_config(size))
+    import_torch().manual_seed(0)
+    model = import_transformers().Sam2VideoModel(sam2_video_config(size))
     return _save(model, path)
 
 
 def save_detector(path: str, size: str = "tiny") -> str:
-    from pixelvla_jax.annotate.hf_backends import _torch, _transformers
+    from pixelvla_jax.annotate.hf_backends import import_torch, import_transformers
 
-    tr = _transformers()
-    _torch().manual_seed(0)
+    tr = import_transformers()
+    import_torch().manual_seed(0)
     if size == "default":
         cfg = tr.GroundingDinoConfig()
         vocab = 30522
@@ -202,15 +203,15 @@ def save_detector(path: str, size: str = "tiny") -> str:
         pre = {"size": {"shortest_edge": 128, "longest_edge": 192}}
     model = tr.GroundingDinoForObjectDetection(cfg)
     _save(model, path, pre)
-    _word_tokenizer(path, bert=True)  # word-level: covers the test/bench queries
+    save_word_tokenizer(path, bert=True)  # word-level: covers the test/bench queries
     return path
 
 
 def save_segmenter(path: str, size: str = "tiny") -> str:
-    from pixelvla_jax.annotate.hf_backends import _torch, _transformers
+    from pixelvla_jax.annotate.hf_backends import import_torch, import_transformers
 
-    tr = _transformers()
-    _torch().manual_seed(0)
+    tr = import_transformers()
+    import_torch().manual_seed(0)
     if size == "default":
         cfg = tr.SamConfig()
     else:
@@ -242,10 +243,10 @@ def save_segmenter(path: str, size: str = "tiny") -> str:
 
 
 def save_llm(path: str, size: str = "tiny") -> str:
-    from pixelvla_jax.annotate.hf_backends import _torch, _transformers
+    from pixelvla_jax.annotate.hf_backends import import_torch, import_transformers
 
-    tr = _transformers()
-    _torch().manual_seed(0)
+    tr = import_transformers()
+    import_torch().manual_seed(0)
     vocab = len(dict.fromkeys(_WORDS)) + 10
     if size == "default":  # a ~1B-parameter Llama-style model (TinyLlama-1.1B's shape)
         cfg = tr.LlamaConfig(
@@ -267,7 +268,7 @@ def save_llm(path: str, size: str = "tiny") -> str:
             max_position_embeddings=512,
         )
     _save(tr.LlamaForCausalLM(cfg), path)
-    _word_tokenizer(path, bert=False)
+    save_word_tokenizer(path, bert=False)
     return path
 
 
@@ -279,21 +280,3 @@ def save_all(root: str, size: str = "tiny") -> dict[str, str]:
         "segmenter": save_segmenter(os.path.join(root, "sam"), size),
         "llm": save_llm(os.path.join(root, "llm"), size),
     }
-
-
-def hf_backends(paths: dict[str, str], device: str = "cpu", video_mask_threshold: float = 0.0):
-    """Backends from model folders {video_segmenter, detector, segmenter, llm (optional)}."""
-    from pixelvla_jax.annotate.backends import Backends, RuleNounExtractor
-    from pixelvla_jax.annotate.hf_backends import (
-        HFDetector,
-        HFNounExtractor,
-        HFSegmenter,
-        HFVideoSegmenter,
-    )
-
-    return Backends(
-        video_segmenter=HFVideoSegmenter(paths["video_segmenter"], device, video_mask_threshold),
-        detector=HFDetector(paths["detector"], device),
-        segmenter=HFSegmenter(paths["segmenter"], device),
-        nouns=HFNounExtractor(paths["llm"], device) if paths.get("llm") else RuleNounExtractor(),
-    )

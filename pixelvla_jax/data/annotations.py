@@ -109,7 +109,8 @@ class EpisodeAnnotation:
     referred_png: bytes = b""
 
 
-def _lookup(tree: dict, path: str) -> Any:
+def lookup(tree: dict, path: str) -> Any:
+    """tree["a"]["b"] for the feature path "a/b"; KeyError(path) when any part is missing."""
     node: Any = tree
     for part in path.split("/"):
         if not isinstance(node, dict) or part not in node:
@@ -149,7 +150,7 @@ def read_episode_annotation(episode: dict, spec: Any) -> EpisodeAnnotation:
         if not key:
             return None
         try:
-            return _lookup(episode, key)
+            return lookup(episode, key)
         except KeyError:
             return None
 

@@ -48,7 +48,7 @@ def _encode_images(feature: Any, value: Any) -> Any:
 
     if isinstance(feature, tfds.features.Image):
         if isinstance(value, np.ndarray):
-            return _encode_image(value, feature._encoding_format)  # noqa: SLF001
+            return _encode_image(value, feature.encoding_format)
         return value
     if isinstance(feature, tfds.features.Dataset):
         return [_encode_images(feature.feature, v) for v in value]
@@ -210,7 +210,8 @@ def object_mask(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
     return mask
 
 
-def _raw_gripper(fmt: str, length: int) -> np.ndarray:
+def raw_gripper(fmt: str, length: int) -> np.ndarray:
+    """float32 [length]: the gripper column of dataset layout `fmt`, closing at length // 2."""
     close_at = length // 2
     if fmt == "libero":  # -1 open, +1 close
         return np.where(np.arange(length) < close_at, -1.0, 1.0).astype(np.float32)
@@ -256,7 +257,7 @@ def synthetic_episode(
     object_name = f"{colors[episode_index % len(colors)]} block"
     instruction = f"pick up the {object_name} number {episode_index}"
     actions = rng.uniform(-1, 1, (length, 7)).astype(np.float32)
-    actions[:, 6] = _raw_gripper(fmt, length)
+    actions[:, 6] = raw_gripper(fmt, length)
     if nan_action_step is not None:
         actions[nan_action_step, 0] = bad_action_value
     proprio_dim = {"libero": 8, "bridge": 7, "fractal": 8}[fmt]

@@ -76,7 +76,7 @@ def _as_pil_rgb(image) -> Image.Image:
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {arr.shape}.")
     if arr.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {arr.dtype}; convert with to_uint8.")
+        raise ValueError(f"expected a uint8 image [H, W, 3], got dtype {arr.dtype}.")
     return Image.fromarray(arr)
 
 
@@ -230,11 +230,3 @@ def augment(
         out = np.asarray(_colour_jitter(cropped, rng, cfg))
     out_masks = [None if m is None else _crop_mask(m, box, out_size) for m in masks]
     return out, out_masks if several else out_masks[0]
-
-
-def to_uint8(image) -> np.ndarray:
-    """float [0, 1] or uint8 [H, W, 3] -> uint8 [H, W, 3]."""
-    arr = np.asarray(image)
-    if arr.dtype == np.uint8:
-        return arr
-    return np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)

@@ -102,11 +102,6 @@ def binarize_gripper(gripper, threshold: float = 0.5):
     return (xp.asarray(gripper) > threshold).astype(xp.float32)
 
 
-def closedness_to_open01(closedness):
-    """Fractal's gripper closedness (+1 close, -1 open, 0 no change) -> [0, 1] with 1 = open."""
-    return libero_gripper_to_open01(closedness)
-
-
 def normalize_sample(
     action_chunk: np.ndarray, proprio: np.ndarray, statistics: Mapping
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -135,7 +135,7 @@ def _optional_bytes(step: dict, key: str | None) -> bytes:
     if not key:
         return b""
     try:
-        value = ann._lookup(step, key)  # noqa: SLF001
+        value = ann.lookup(step, key)
     except KeyError:
         return b""
     return rlds.as_bytes(value)
@@ -163,7 +163,7 @@ class _Builder:
     def _episode_id(self, episode: dict, e: int) -> str:
         if self.spec.episode_id_key:
             try:
-                return rlds.as_text(ann._lookup(episode, self.spec.episode_id_key))  # noqa: SLF001
+                return rlds.as_text(ann.lookup(episode, self.spec.episode_id_key))
             except KeyError:
                 pass
         return f"episode_{e}"

@@ -275,8 +275,12 @@ class LiberoEnv:
 
     def target_mask(self, camera: str = CAMERA, rotate: bool = True) -> np.ndarray:
         """bool [R, R]: pixels of the target object (training orientation unless rotate=False)."""
+        return self.geom_mask(self.target_geoms(), camera, rotate)
+
+    def geom_mask(self, geoms: np.ndarray, camera: str = CAMERA, rotate: bool = True) -> np.ndarray:
+        """bool [R, R]: pixels where one of the geom ids `geoms` is seen (e.g. `object_geoms`)."""
         seg = self.segmentation(camera)
-        mask = (seg[..., 0] == _MJ_OBJ_GEOM) & np.isin(seg[..., 1], self.target_geoms())
+        mask = (seg[..., 0] == _MJ_OBJ_GEOM) & np.isin(seg[..., 1], geoms)
         return rotate_180(mask) if rotate else mask
 
 

@@ -97,7 +97,9 @@ def read_demos(path: str) -> tuple[dict[str, str], list[tuple[str, np.ndarray, n
     return meta, demos
 
 
-def _task_bddl(meta: dict, path: str, bddl: str) -> str:
+def task_bddl(meta: dict, path: str, bddl: str) -> str:
+    """The BDDL file of a demo file: `bddl` if given, else the one its metadata names (found in
+    the installed LIBERO when the recorded path is gone), else the one named like the file."""
     if bddl:
         return bddl
     if meta["bddl"] and os.path.isfile(meta["bddl"]):
@@ -210,7 +212,7 @@ def replay_files(
         for path in files:
             meta, demos = read_demos(path)
             demos = demos[:max_demos] if max_demos else demos
-            bddl_file = _task_bddl(meta, path, bddl)
+            bddl_file = task_bddl(meta, path, bddl)
             problem = libero_lib.parse_problem(bddl_file)
             instruction = meta["language"] or problem["language_instruction"]
             if isinstance(instruction, list):

@@ -1,10 +1,10 @@
 """Action decoders: the continuous L1 chunk head and OpenVLA's discrete bin tokenizer.
 
-`L1ActionHead` (DESIGN.md §1.4, OpenVLA-OFT style parallel decoding) maps the LLM's
+`L1ActionHead` (docs/design.md §1.4, OpenVLA-OFT style parallel decoding) maps the LLM's
 last-layer hidden states of the `N_c * A` action slots to an action chunk with an
 MLP-ResNet: LN -> Dense -> ReLU -> N_r x (x + ReLU(Dense(LN(x)))) -> LN -> Dense(A).
 
-`DiscreteActionTokenizer` is OpenVLA's discretisation (REFERENCE.md "Discrete actions"):
+`DiscreteActionTokenizer` is OpenVLA's discretisation (docs/design.md §5.1):
 256 uniform bins on [-1, 1] mapped onto the last ids of the 32000-entry Llama vocabulary.
 It works on numpy arrays (bit-exact with OpenVLA's float64 formula) and on jax arrays
 (jit-able; exact for float32 inputs, see `_float32_bins_rounded_up`).

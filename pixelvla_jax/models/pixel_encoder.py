@@ -1,6 +1,6 @@
 """Multiscale pixel-aware encoder: a binary object mask -> `N_p` LLM-width pixel tokens.
 
-PixelVLA (DESIGN.md §1.1) pools multi-level vision features under the object mask,
+PixelVLA (docs/design.md §1.1) pools multi-level vision features under the object mask,
 projects each level (`Γ_i`), aggregates over levels, and maps the result to the LLM width.
 Our reconstruction (Osprey-style) emits two tokens per sample:
 

@@ -1,6 +1,6 @@
 """The assembled PixelVLA model: vision + pixel/prompt encoders + Llama + action head.
 
-Token sequence into the LLM (DESIGN.md §1.3), for a batch of `Observation`s:
+Token sequence into the LLM (docs/design.md §1.3), for a batch of `Observation`s:
 
     [BOS] [E_v: N_v vision tokens] [E_p: N_p pixel tokens] [E_s: N_s prompt tokens]
     [text tokens after BOS, right-padded to L-1] [suffix]

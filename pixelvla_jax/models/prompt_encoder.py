@@ -1,6 +1,6 @@
 """Visual prompt-aware encoder (SAM-style): points/lines/boxes and a prompt mask -> `N_s` tokens.
 
-DESIGN.md §1.2. Sparse prompts are `P` points padded to a fixed count; each point gets
+docs/design.md §1.2. Sparse prompts are `P` points padded to a fixed count; each point gets
 SAM's random-Fourier position embedding (`PositionEmbeddingRandom`) plus a learned
 embedding of its type (positive / negative / line / box corner, `observation.PROMPT_*`).
 Lines arrive as points sampled along them, boxes as their two corners.

@@ -129,14 +129,3 @@ def weight_decay_mask(
     return match_rules(
         params, rules, True, what="No-weight-decay", require_all_used=require_all_used
     )
-
-
-def count_by_label(params: Any, labels: Any) -> dict[str, int]:
-    """Number of scalar parameters per label."""
-    counts: dict[str, int] = {}
-    for leaf, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True):
-        size = 1
-        for d in getattr(leaf, "shape", ()):
-            size *= d
-        counts[label] = counts.get(label, 0) + size
-    return counts

@@ -84,12 +84,8 @@ class PreemptionHandler:
 
     @property
     def requested(self) -> bool:
-        """True once a stop signal arrived in this process (or `request_stop` was called)."""
+        """True once a stop signal arrived in this process."""
         return self._event.is_set()
-
-    def request_stop(self) -> None:
-        """Sets the flag by hand (e.g. a time budget ran out)."""
-        self._event.set()
 
     def should_stop(self, step: int) -> bool:
         """Whether the loop should save and exit after `step`; identical on every host."""

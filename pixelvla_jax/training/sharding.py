@@ -10,7 +10,6 @@ serves a 7B model on a pod and a tiny model on 8 simulated CPU devices.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -132,11 +131,6 @@ def param_shardings(
     return jax.tree.map(one, abstract_params, is_leaf=_is_box)
 
 
-def logical_specs(abstract_params: Any) -> Any:
-    """The logical PartitionSpec of every parameter (`nn.get_partition_spec`), unboxed tree."""
-    return nn.get_partition_spec(abstract_params)
-
-
 def match_shardings_by_path(
     abstract_tree: Any, reference_tree: Any, reference_shardings: Any, mesh: Mesh
 ) -> Any:
@@ -224,7 +218,3 @@ def describe_shardings(shardings: Any) -> str:
     for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]:
         lines.append(f"{path_str(path)}: {getattr(s, 'spec', s)}")
     return "\n".join(lines)
-
-
-def log_shardings(shardings: Any) -> None:
-    logging.info("Parameter shardings:\n%s", describe_shardings(shardings))
