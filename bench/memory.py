@@ -33,7 +33,6 @@ if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +42,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
+from pixelvla_jax.training import config as config_lib  # noqa: E402
 from pixelvla_jax.training import memory_plan  # noqa: E402
 
 TARGET_GIB = 16.0  # v5e HBM per chip, the smallest TPU the design targets
@@ -50,11 +50,7 @@ STAGE_KEYS = {"cat": "stage1", "pue": "stage2_lora"}
 
 
 def load_config(variant: str):
-    path = os.path.join(ROOT, "configs", "libero.py")
-    spec = importlib.util.spec_from_file_location("libero_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return config_lib.load_config(f"libero:{variant}")
 
 
 def stage_config(variant: str, stage: str, batch_size: int | None):

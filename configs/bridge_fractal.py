@@ -15,8 +15,7 @@ from pixelvla_jax.training.config import base_config, use_openvla_7b, use_tiny
 def get_config(variant: str = "full"):
     c = base_config()
     c.stage = "cat"
-    c.model.chunk_size = 5  # Bridge's N_c in the paper's setup
-    c.data.action_chunk = 5
+    c.model.chunk_size = 5  # Bridge's N_c in the paper's setup (the data's chunk inherits it)
     if variant == "tiny":
         return use_tiny(c, num_steps=40)
     if variant != "full":
@@ -29,7 +28,6 @@ def get_config(variant: str = "full"):
     c.data.batch_size = 256
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 1000
-    c.optim.total_steps = 100_000
     c.train.num_steps = 100_000
     c.train.checkpoint_every = 5_000
     c.train.keep_period = 20_000

@@ -45,7 +45,6 @@ def get_config(variant: str = "spatial"):
     c.optim.lr = 5e-4
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 500
-    c.optim.total_steps = 50_000
     c.train.num_steps = 50_000
     c.train.checkpoint_every = 5_000
     c.train.keep_period = 10_000

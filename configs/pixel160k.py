@@ -19,7 +19,6 @@ def get_config(variant: str = "full"):
     c = base_config()
     c.stage = "pue"
     c.model.chunk_size = 5
-    c.data.action_chunk = 5
     c.model.lora.rank = 32
     c.model.lora.alpha = 16.0
     if variant == "tiny":
@@ -34,7 +33,6 @@ def get_config(variant: str = "full"):
     c.data.batch_size = 128
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 500
-    c.optim.total_steps = 50_000
     c.train.num_steps = 50_000
     c.train.checkpoint_every = 5_000
     c.train.keep_period = 10_000

@@ -15,7 +15,6 @@ mask the policy can only guess (the "chance" row); with it, it picks the right o
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -46,17 +45,9 @@ REPLAN = 1
 
 def load_config(variant: str = "default"):
     """`configs/pixelref.py:variant` from the source checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), "configs", "pixelref.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"configs/pixelref.py not found at {path}; run the demo from a source checkout "
-            "(git clone ... && pip install -e .)."
-        )
-    spec = importlib.util.spec_from_file_location("pixelref_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    from pixelvla_jax.training import config as config_lib
+
+    return config_lib.load_config(f"pixelref:{variant}")
 
 
 def run_demo(

@@ -227,3 +227,15 @@ def test_multi_transform_equals_plain_adamw_without_freezing():
     u1, _ = tx.update(grads, tx.init(params), params)
     u2, _ = ref.update(grads, ref.init(params), params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+
+
+def test_optim_config_from_mapping():
+    """Missing or None fields take the dataclass defaults; an unknown key is an error."""
+    assert opt_lib.OptimConfig.from_mapping(None) == opt_lib.OptimConfig()
+    cfg = opt_lib.OptimConfig.from_mapping(
+        ml_collections.ConfigDict({"lr": 2e-3, "clip_grad_norm": None, "freeze": [["a", "frozen"]]})
+    )
+    assert cfg == opt_lib.OptimConfig(lr=2e-3, freeze=(("a", "frozen"),))
+    assert opt_lib.OptimConfig.from_mapping(cfg) is cfg
+    with pytest.raises(ValueError, match="Did you mean 'warmup_steps'"):
+        opt_lib.OptimConfig.from_mapping({"warmup_step": 3})

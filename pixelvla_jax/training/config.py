@@ -3,7 +3,10 @@
 Light on purpose: `policy.py`, `export.py`, `configs/*.py` and the benchmarks import it
 without Grain, Orbax or the mesh code. `base_config()` declares every key a config may set
 (a misspelt key is an error before anything is built); `configs/*.py` start from it and
-`load_config("pixelref:tiny")` loads one by name.
+`load_config("pixelref:tiny")` loads one by name. Each section is the view of a dataclass
+(`ModelSection`, `optimizer.OptimConfig`, `data.config.DataConfig`, `GeneratorSection`); a
+knob two sections need is set once, the other's 0 meaning "inherit it", filled in by
+`resolved` (which `model_config`, `optim_config` and `data_config` read through).
 
 Stages are freeze policies (regexes over parameter paths, first full match wins):
 
@@ -61,49 +64,81 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------- config
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRASection:
+    """`config.model.lora`: LoRA on the LLM's linear layers."""
+
+    rank: int = 0  # 0: no LoRA
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: str = r".*_proj"  # regex over LLM module paths ("all linear layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """`config.model`: which PixelVLAConfig to build (`model_config` reads it)."""
+
+    preset: str = "tiny"  # one of MODEL_PRESETS
+    tiny_width: int = 0  # preset "tiny" only: LLM width (0: the preset's 64)
+    tiny_depth: int = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
+    pos_embed_init: str = "normal"  # ViT towers: "normal" or "sincos2d" (from scratch)
+    head: str = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
+    # Discrete head: 0 = greedy (OpenVLA); > 0 = action tokens sampled at this temperature.
+    decode_temperature: float = 0.0
+    # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
+    # at this weight against the referred-objects mask, else the target mask (needs
+    # text_first); the discrete head decodes the target's centre as 2 tokens before the action.
+    text_first: bool = False
+    patch_grounding_weight: float = 0.0
+    target_point_tokens: bool = False
+    chunk_size: int = 8  # N_c (config.data.action_chunk inherits it)
+    use_pixel_encoder: bool = True
+    use_prompt_encoder: bool = True
+    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"
+    frozen_dtype: str = ""  # e.g. "bfloat16": frozen weights held in bf16
+    remat: bool = False
+    scan_layers: bool = False
+    lora: LoRASection = LoRASection()
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSection:
+    """`config.data_generator`: a dataset generated on first use when absent."""
+
+    kind: str = ""  # a kind of pixelvla_jax.data.generators ("" = never generate)
+    num_episodes: int = 16
+    episode_length: int = 24
+    image_size: int = 0  # 0: config.data.image_size (no resampling)
+
+
+# The optimizer defaults of a training config (a tiny CPU run). Inherited:
+# total_steps 0 = config.train.num_steps.
+OPTIM_DEFAULTS = optimizer_lib.OptimConfig(lr=5e-4, warmup_steps=10, total_steps=0)
+
+# The data defaults of a training config. Inherited: action_chunk 0 = config.model.chunk_size
+# (with the L1 head any other value is an error).
+DATA_DEFAULTS = dataclasses.replace(
+    DataConfig(), datasets=(("synthetic_libero", 1.0),), data_dir="data", action_chunk=0
+)
+
+
+def _config_dict(section: Any) -> ml_collections.ConfigDict:
+    """The ConfigDict view of a dataclass section (its tuple fields as lists)."""
+    raw = dataclasses.asdict(section)
+    return ml_collections.ConfigDict(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key a training config may set, with defaults (a tiny CPU run)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stage = "finetune"  # a key of STAGE_POLICIES
 
-    c.model = ml_collections.ConfigDict()
-    c.model.preset = "tiny"  # one of MODEL_PRESETS
-    c.model.tiny_width = 0  # preset "tiny" only: LLM width (0: the preset's 64)
-    c.model.tiny_depth = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
-    c.model.pos_embed_init = "normal"  # ViT towers: "normal" or "sincos2d" (from scratch)
-    c.model.head = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
-    # Discrete head: 0 = greedy (OpenVLA); > 0 = action tokens sampled at this temperature.
-    c.model.decode_temperature = 0.0
-    # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
-    # at this weight against the referred-objects mask, else the target mask (needs
-    # text_first); the discrete head decodes the target's centre as 2 tokens before the action.
-    c.model.text_first = False
-    c.model.patch_grounding_weight = 0.0
-    c.model.target_point_tokens = False
-    c.model.chunk_size = 8  # N_c
-    c.model.use_pixel_encoder = True
-    c.model.use_prompt_encoder = True
-    c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16"
-    c.model.frozen_dtype = ""  # e.g. "bfloat16": frozen weights held in bf16
-    c.model.remat = False
-    c.model.scan_layers = False
-    c.model.lora = ml_collections.ConfigDict()
-    c.model.lora.rank = 0  # 0: no LoRA
-    c.model.lora.alpha = 16.0
-    c.model.lora.rslora = False
-    c.model.lora.targets = r".*_proj"  # regex over LLM module paths ("all linear layers")
-
-    data = dataclasses.asdict(DataConfig())
-    data["datasets"] = [("synthetic_libero", 1.0)]
-    data["data_dir"] = "data"
-    c.data = ml_collections.ConfigDict(data)
-    # A dataset generated on first use when absent ("" = never generate).
-    c.data_generator = ml_collections.ConfigDict()
-    c.data_generator.kind = ""  # "synthetic_libero" (more in later versions)
-    c.data_generator.num_episodes = 16
-    c.data_generator.episode_length = 24
-    c.data_generator.image_size = 64
+    c.model = _config_dict(ModelSection())
+    c.data = _config_dict(DATA_DEFAULTS)
+    c.data_generator = _config_dict(GeneratorSection())
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # a sentencepiece .model; "" -> the OpenVLA checkpoint's or a tiny one
@@ -113,12 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.openvla_checkpoint = ""  # an OpenVLA HF directory (safetensors + config.json)
     c.init.from_checkpoint = ""  # a run's workdir (or its checkpoints/): start from its params
 
-    c.optim = ml_collections.ConfigDict(
-        {k: list(v) if isinstance(v, tuple) else v for k, v in optimizer_lib.DEFAULTS.items()}
-    )
-    c.optim.lr = 5e-4
-    c.optim.warmup_steps = 10
-    c.optim.total_steps = 200
+    c.optim = _config_dict(OPTIM_DEFAULTS)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = [list(r) for r in sharding_lib.DEFAULT_RULES]
@@ -162,12 +192,20 @@ def use_tiny(c: ml_collections.ConfigDict, num_steps: int) -> ml_collections.Con
     c.data.batch_size = 8
     c.data.num_threads = 2
     c.data_generator.kind = "synthetic_libero"
+    c.data_generator.image_size = 64  # larger than the model's 56 px: the resize is exercised
     c.train.num_steps = num_steps
     c.train.checkpoint_every = max(1, num_steps // 2)
-    c.optim.total_steps = num_steps
     c.optim.warmup_steps = min(5, num_steps - 1)
     c.optim.lr = 1e-3
     return c
+
+
+def _unknown_key(key: str, known: Any, prefix: str) -> ConfigError:
+    near = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
+    return ConfigError(
+        f"Unknown config key 'config.{prefix}{key}'.{hint} Known keys here: {sorted(known)}."
+    )
 
 
 def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
@@ -177,12 +215,7 @@ def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
         raise ConfigError(f"config.{prefix} must be a section of keys, got {cfg!r}")
     for key in cfg:
         if key not in reference:
-            near = difflib.get_close_matches(key, list(reference.keys()), n=1)
-            hint = f" Did you mean '{prefix}{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"Unknown config key 'config.{prefix}{key}'.{hint} "
-                f"Known keys here: {sorted(reference.keys())}."
-            )
+            raise _unknown_key(key, reference.keys(), prefix)
         _check_keys(cfg[key], reference[key], f"{prefix}{key}.")
 
 
@@ -206,25 +239,90 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             "stage 'lora_discrete' needs model.lora.rank > 0 and model.head='discrete'."
         )
-    if cfg.model.head == "discrete" and cfg.data.action_chunk < 1:
-        raise ConfigError("config.data.action_chunk must be >= 1.")
-    if cfg.model.head == "l1" and cfg.data.action_chunk != cfg.model.chunk_size:
-        raise ConfigError(
-            f"config.data.action_chunk={cfg.data.action_chunk} must equal "
-            f"config.model.chunk_size={cfg.model.chunk_size} for the L1 head."
-        )
+    resolved(cfg)  # an inherited knob that contradicts its source
     if cfg.train.num_steps < 1 or cfg.train.log_every < 1 or cfg.train.checkpoint_every < 1:
         raise ConfigError("config.train.num_steps, log_every and checkpoint_every must be >= 1.")
 
 
+def _merged(defaults: Any, section: Any, prefix: str) -> dict[str, Any]:
+    """`defaults` (a dataclass, or a dict) as a dict, updated with the keys `section` sets,
+    nested dataclass sections key by key: a config saved before a key existed reads its
+    default. A key the defaults lack is a ConfigError."""
+    if dataclasses.is_dataclass(defaults):
+        fields = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)}
+        out = dataclasses.asdict(defaults)
+    else:
+        fields, out = dict(defaults), dict(defaults)
+    given = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+    for key, value in given.items():
+        if key not in out:
+            raise _unknown_key(key, out, prefix)
+        if dataclasses.is_dataclass(fields[key]) and isinstance(value, Mapping):
+            value = _merged(fields[key], value, f"{prefix}{key}.")
+        out[key] = value
+    return out
+
+
+def resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` whose `model`, `optim`, `data` and `data_generator` sections hold every
+    key (defaults for those a saved config lacks) and every inherited knob resolved; the one
+    place inheritance happens:
+
+        optim.total_steps          0 -> train.num_steps
+        data.action_chunk          0 -> model.chunk_size (L1 head: any other value is an error)
+        data_generator.image_size  0 -> data.image_size
+
+    Raises ConfigError for an unknown key in those sections or a contradiction.
+    """
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    model = _merged(ModelSection(), cfg.model, "model.")
+    optim = _merged(OPTIM_DEFAULTS, cfg.optim, "optim.")
+    data = _merged(DATA_DEFAULTS, cfg.data, "data.")
+    if optim["total_steps"] == 0:
+        optim["total_steps"] = cfg.train.num_steps
+    if data["action_chunk"] == 0:
+        data["action_chunk"] = model["chunk_size"]
+    if model["head"] == "l1" and data["action_chunk"] != model["chunk_size"]:
+        raise ConfigError(
+            f"config.data.action_chunk={data['action_chunk']} must equal "
+            f"config.model.chunk_size={model['chunk_size']} for the L1 head; leave "
+            "data.action_chunk at 0 to inherit it."
+        )
+    if data["action_chunk"] < 1:
+        raise ConfigError(
+            f"config.data.action_chunk={data['action_chunk']} must be >= 1 (0: inherit "
+            "config.model.chunk_size)."
+        )
+    out.model, out.optim, out.data = model, optim, data
+    if "data_generator" in cfg:
+        generator = _merged(GeneratorSection(), cfg.data_generator, "data_generator.")
+        if generator["image_size"] == 0:
+            generator["image_size"] = data["image_size"]
+        out.data_generator = generator
+    return out
+
+
+def generator_image_size(cfg: ml_collections.ConfigDict) -> int:
+    """The side of the images a dataset generator renders (`config.data_generator.image_size`,
+    0: `config.data.image_size`)."""
+    return resolved(cfg).data_generator.image_size
+
+
+def model_section(cfg: ml_collections.ConfigDict) -> ModelSection:
+    """`config.model` as a ModelSection (defaults for keys a saved config lacks)."""
+    raw = _merged(ModelSection(), cfg.model, "model.")
+    return ModelSection(**{**raw, "lora": LoRASection(**raw["lora"])})
+
+
 def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
     """The PixelVLAConfig a training config describes."""
-    m = cfg.model
+    m = model_section(cfg)
+    data = data_config(cfg, "")
     sizes = {}
     if m.preset == "tiny":
-        if m.get("tiny_width", 0):
+        if m.tiny_width:
             sizes["width"] = m.tiny_width
-        if m.get("tiny_depth", 0):
+        if m.tiny_depth:
             sizes["depth"] = m.tiny_depth
     preset = getattr(PixelVLAConfig, m.preset)(**sizes)
     llama = preset.llama
@@ -245,16 +343,16 @@ def model_config(cfg: ml_collections.ConfigDict) -> PixelVLAConfig:
         llama=llama,
         action_head=head,
         head=m.head,
-        decode_temperature=float(m.get("decode_temperature", 0.0)),
-        text_first=bool(m.get("text_first", False)),
-        patch_grounding_weight=float(m.get("patch_grounding_weight", 0.0)),
-        target_point_tokens=bool(m.get("target_point_tokens", False)),
+        decode_temperature=float(m.decode_temperature),
+        text_first=bool(m.text_first),
+        patch_grounding_weight=float(m.patch_grounding_weight),
+        target_point_tokens=bool(m.target_point_tokens),
         use_pixel_encoder=m.use_pixel_encoder and cfg.stage != "cat",
         use_prompt_encoder=m.use_prompt_encoder and cfg.stage != "cat",
         vision_remat=m.remat,
         vision_scan_layers=m.scan_layers,
-        max_text_tokens=cfg.data.max_tokens,
-        max_prompt_points=cfg.data.prompt_cfg.max_points,
+        max_text_tokens=data.max_tokens,
+        max_prompt_points=data.prompt_cfg.max_points,
     )
 
 
@@ -271,23 +369,24 @@ def freeze_rules(cfg: ml_collections.ConfigDict) -> tuple[list, str]:
     """(rules, default) of the stage, after any rules given in `config.optim.freeze`
     (first match wins); with the L1 head, the unused LM head is frozen after those."""
     rules, default = STAGE_POLICIES[cfg.stage]
-    unused = list(UNUSED_BY_L1) if cfg.model.head == "l1" else []
-    return [tuple(r) for r in cfg.optim.freeze] + unused + list(rules), default
+    given = _merged(OPTIM_DEFAULTS, cfg.optim, "optim.")["freeze"]
+    unused = list(UNUSED_BY_L1) if model_section(cfg).head == "l1" else []
+    return [tuple(r) for r in given] + unused + list(rules), default
 
 
-def optim_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    optim = ml_collections.ConfigDict(cfg.optim.to_dict())
+def optim_config(cfg: ml_collections.ConfigDict) -> optimizer_lib.OptimConfig:
+    """The optimizer settings: `config.optim` resolved, with the stage's freeze rules."""
     rules, default = freeze_rules(cfg)
-    optim.freeze = rules
-    optim.freeze_default = default
-    return optim
+    optim = optimizer_lib.OptimConfig.from_mapping(resolved(cfg).optim)
+    return dataclasses.replace(optim, freeze=tuple(rules), freeze_default=default)
 
 
 def data_config(cfg: ml_collections.ConfigDict, tokenizer_path: str) -> DataConfig:
-    raw = cfg.data.to_dict()
+    """The pipeline's DataConfig: `config.data` resolved, with this host's batch size."""
+    raw = resolved(cfg).data.to_dict()
     raw["tokenizer_path"] = tokenizer_path
-    raw["batch_size"] = cfg.data.batch_size // jax.process_count()
-    raw["seed"] = cfg.seed if cfg.data.seed == 0 else cfg.data.seed
+    raw["batch_size"] = raw["batch_size"] // jax.process_count()
+    raw["seed"] = cfg.seed if raw["seed"] == 0 else raw["seed"]
     return DataConfig.from_mapping(raw)
 
 
@@ -301,12 +400,19 @@ def load_config(name: str, configs_dir: str | None = None) -> ml_collections.Con
     default). Configs live in the source checkout's top-level `configs/`; a path to a
     `.py` file works too (`"configs/libero.py:tiny"`)."""
     file, _, variant = name.partition(":")
+    configs_dir = configs_dir or CONFIGS_DIR
     if not file.endswith(".py"):
-        file = os.path.join(configs_dir or CONFIGS_DIR, f"{file}.py")
+        file = os.path.join(configs_dir, f"{file}.py")
     if not os.path.exists(file):
+        known = sorted(
+            f.removesuffix(".py")
+            for f in (os.listdir(configs_dir) if os.path.isdir(configs_dir) else [])
+            if f.endswith(".py") and not f.startswith("_")
+        )
         raise FileNotFoundError(
-            f"Config {name!r}: no file {os.path.abspath(file)}. Configs are the files in the "
-            "source checkout's configs/ directory; run from a checkout (pip install -e .)."
+            f"Config {name!r}: no file {os.path.abspath(file)}. Known configs: {known} (or a "
+            "path to a .py file); they are the files in the source checkout's configs/ "
+            "directory, so run from a checkout (pip install -e .)."
         )
     module_name = "pixelvla_config_" + os.path.splitext(os.path.basename(file))[0]
     spec = importlib.util.spec_from_file_location(module_name, file)

@@ -1,22 +1,8 @@
 """Optimizer from config: AdamW + schedule + clipping + accumulation + freeze policy.
 
-Config (`config.optim`, an `ml_collections.ConfigDict` or a dict), all fields optional:
-
-    lr: 1e-4                 peak learning rate
-    schedule: "cosine"       "cosine" (warmup, then cosine decay), "constant" (warmup, then
-                             flat) or "wsd" (warmup, flat, then linear decay over the last
-                             `decay_fraction` of `total_steps`)
-    warmup_steps: 0          linear warmup from 0 to `lr`
-    total_steps: 10_000      cosine / wsd: optimizer steps until the end value (warmup included)
-    end_lr_factor: 0.0       cosine / wsd: final lr = lr * end_lr_factor
-    decay_fraction: 0.2      wsd: share of `total_steps` spent decaying
-    b1: 0.9, b2: 0.999, eps: 1e-8
-    weight_decay: 0.0        decoupled (AdamW); not applied to paths matched by `no_decay`
-    no_decay: policy.DEFAULT_NO_DECAY
-    clip_grad_norm: 1.0      global-norm clipping of the trained gradients (0 / None: off)
-    grad_accum_steps: 1      k micro-steps per optimizer step (`optax.MultiSteps`)
-    freeze: []               [(regex, "trained" | "frozen"), ...], first full match wins
-    freeze_default: "trained"
+`OptimConfig` declares every setting with its default; the training config's `optim`
+section is a view of it. The functions here take an `OptimConfig`, or a dict /
+`ml_collections.ConfigDict` of some of its fields (`OptimConfig.from_mapping`).
 
 Steps: the schedule counts *optimizer* steps; with `grad_accum_steps = k` the train loop
 calls the step function k times per optimizer step.
@@ -24,13 +10,13 @@ calls the step function k times per optimizer step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import difflib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from pixelvla_jax.training.param_rules import (
@@ -41,54 +27,67 @@ from pixelvla_jax.training.param_rules import (
     weight_decay_mask,
 )
 
-DEFAULTS: dict[str, Any] = {
-    "lr": 1e-4,
-    "schedule": "cosine",
-    "warmup_steps": 0,
-    "total_steps": 10_000,
-    "end_lr_factor": 0.0,
-    "decay_fraction": 0.2,
-    "b1": 0.9,
-    "b2": 0.999,
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "no_decay": DEFAULT_NO_DECAY,
-    "clip_grad_norm": 1.0,
-    "grad_accum_steps": 1,
-    "freeze": (),
-    "freeze_default": TRAINED,
-}
 
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer's settings (the training config's `optim` section)."""
 
-def _get(cfg: Any, key: str) -> Any:
-    if cfg is None:
-        return DEFAULTS[key]
-    if isinstance(cfg, ml_collections.ConfigDict | Mapping):
-        value = cfg.get(key, None)
-    else:
-        value = getattr(cfg, key, None)
-    return DEFAULTS[key] if value is None else value
+    lr: float = 1e-4  # peak learning rate
+    # "cosine" (warmup, then cosine decay), "constant" (warmup, then flat) or "wsd"
+    # (warmup, flat, then linear decay over the last `decay_fraction` of `total_steps`)
+    schedule: str = "cosine"
+    warmup_steps: int = 0  # linear warmup from 0 to `lr`
+    total_steps: int = 10_000  # cosine / wsd: optimizer steps until the end value (warmup included)
+    end_lr_factor: float = 0.0  # cosine / wsd: final lr = lr * end_lr_factor
+    decay_fraction: float = 0.2  # wsd: share of `total_steps` spent decaying
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW); not applied to paths matched by `no_decay`
+    no_decay: tuple[str, ...] = DEFAULT_NO_DECAY
+    clip_grad_norm: float = 1.0  # global-norm clipping of the trained gradients (0: off)
+    grad_accum_steps: int = 1  # k micro-steps per optimizer step (`optax.MultiSteps`)
+    # [(regex, "trained" | "frozen"), ...], first full match wins (see `param_rules`)
+    freeze: tuple[tuple[str, str], ...] = ()
+    freeze_default: str = TRAINED
+
+    @classmethod
+    def from_mapping(cls, cfg: Any) -> OptimConfig:
+        """An OptimConfig from an OptimConfig, None (every default), or a dict / ConfigDict
+        of some fields (a missing or None field takes its default). Unknown keys are an error."""
+        if isinstance(cfg, cls):
+            return cfg
+        raw = {} if cfg is None else cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in known:
+                near = difflib.get_close_matches(key, known, n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                raise ValueError(f"optim: unknown setting {key!r}.{hint} Known: {known}.")
+        raw = {k: v for k, v in raw.items() if v is not None}
+        if "no_decay" in raw:
+            raw["no_decay"] = tuple(raw["no_decay"])
+        if "freeze" in raw:
+            raw["freeze"] = tuple(tuple(rule) for rule in raw["freeze"])
+        return cls(**raw)
 
 
 def learning_rate_fn(cfg: Any) -> optax.Schedule:
     """The learning-rate schedule of `cfg` as a function of the optimizer step."""
-    lr = float(_get(cfg, "lr"))
-    warmup = int(_get(cfg, "warmup_steps"))
-    kind = _get(cfg, "schedule")
-    if kind in ("cosine", "wsd"):
-        total = int(_get(cfg, "total_steps"))
-        if total <= warmup:
-            raise ValueError(
-                f"optim.total_steps ({total}) must exceed optim.warmup_steps ({warmup}) for the "
-                f"{kind} schedule; raise total_steps or lower warmup_steps."
-            )
+    c = OptimConfig.from_mapping(cfg)
+    lr, warmup, total, kind = float(c.lr), int(c.warmup_steps), int(c.total_steps), c.schedule
+    if kind in ("cosine", "wsd") and total <= warmup:
+        raise ValueError(
+            f"optim.total_steps ({total}) must exceed optim.warmup_steps ({warmup}) for the "
+            f"{kind} schedule; raise total_steps or lower warmup_steps."
+        )
+    end = lr * float(c.end_lr_factor)
     if kind == "wsd":
-        fraction = float(_get(cfg, "decay_fraction"))
+        fraction = float(c.decay_fraction)
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"optim.decay_fraction={fraction} must be in (0, 1].")
         decay = max(1, min(total - warmup, round(total * fraction)))
         stable = total - warmup - decay
-        end = lr * float(_get(cfg, "end_lr_factor"))
         parts = [optax.linear_schedule(0.0, lr, warmup)] if warmup > 0 else []
         parts += [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)]
         bounds = [warmup] if warmup > 0 else []
@@ -96,11 +95,7 @@ def learning_rate_fn(cfg: Any) -> optax.Schedule:
         return optax.join_schedules(parts, bounds)
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=lr,
-            warmup_steps=warmup,
-            decay_steps=total,
-            end_value=lr * float(_get(cfg, "end_lr_factor")),
+            init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total, end_value=end
         )
     if kind == "constant":
         if warmup <= 0:
@@ -112,9 +107,9 @@ def learning_rate_fn(cfg: Any) -> optax.Schedule:
 
 
 def freeze_labels(cfg: Any, params: Any) -> Any:
-    """Per-parameter labels ("trained" / "frozen") from `cfg.freeze` (see `policy`)."""
-    rules = [tuple(r) for r in _get(cfg, "freeze")]
-    return param_labels(nn.unbox(params), rules, default=_get(cfg, "freeze_default"))
+    """Per-parameter labels ("trained" / "frozen") from `cfg.freeze` (see `param_rules`)."""
+    c = OptimConfig.from_mapping(cfg)
+    return param_labels(nn.unbox(params), list(c.freeze), default=c.freeze_default)
 
 
 def make_optimizer(cfg: Any, params: Any) -> optax.GradientTransformation:
@@ -124,26 +119,26 @@ def make_optimizer(cfg: Any, params: Any) -> optax.GradientTransformation:
     schedule and the no-decay mask. Frozen parameters: zero updates and no optimizer state
     (nothing is allocated for them, not even accumulators).
     """
+    c = OptimConfig.from_mapping(cfg)
     params = nn.unbox(params)
-    labels = freeze_labels(cfg, params)
-    no_decay = tuple(_get(cfg, "no_decay"))
+    labels = freeze_labels(c, params)
+    no_decay = c.no_decay
 
     parts = []
-    clip = _get(cfg, "clip_grad_norm")
-    if clip and float(clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(clip)))
+    if c.clip_grad_norm and float(c.clip_grad_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(c.clip_grad_norm)))
     parts.append(
         optax.adamw(
-            learning_rate=learning_rate_fn(cfg),
-            b1=float(_get(cfg, "b1")),
-            b2=float(_get(cfg, "b2")),
-            eps=float(_get(cfg, "eps")),
-            weight_decay=float(_get(cfg, "weight_decay")),
+            learning_rate=learning_rate_fn(c),
+            b1=float(c.b1),
+            b2=float(c.b2),
+            eps=float(c.eps),
+            weight_decay=float(c.weight_decay),
             mask=lambda p: weight_decay_mask(p, no_decay),
         )
     )
     trained_tx = optax.chain(*parts)
-    k = int(_get(cfg, "grad_accum_steps"))
+    k = int(c.grad_accum_steps)
     if k < 1:
         raise ValueError(f"optim.grad_accum_steps must be >= 1, got {k}.")
     if k > 1:
