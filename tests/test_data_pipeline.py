@@ -1,8 +1,10 @@
 """The Grain pipeline: batch layout, determinism, resume, host sharding, mixtures, global arrays."""
 
+import dataclasses
 import io
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -332,6 +334,16 @@ def test_config_from_mapping():
         {"batch_size": 2, "prompt_cfg": {"max_points": 6, "kind_probs": [1, 0, 0, 0, 0]}}
     )
     assert cfg.batch_size == 2 and cfg.prompt_cfg.max_points == 6
+    # The positional kind_probs of configs saved before they became a mapping (order:
+    # points, line, box, mask, none) is converted.
+    assert cfg.prompt_cfg.kind_probs == {"points": 1.0, "line": 0, "box": 0, "mask": 0, "none": 0}
+    mapped = pipeline.DataConfig.from_mapping(
+        {"batch_size": 2, "prompt_cfg": {"max_points": 6, "kind_probs": {"points": 1.0}}}
+    )
+    assert mapped == cfg
+    # The training config's view (a ConfigDict of dataclasses.asdict) round-trips.
+    view = ml_collections.ConfigDict(dataclasses.asdict(pipeline.DataConfig()))
+    assert pipeline.DataConfig.from_mapping(view) == pipeline.DataConfig()
     with pytest.raises(ValueError, match="unknown fields"):
         pipeline.DataConfig.from_mapping({"batchsize": 2})
 
@@ -401,7 +413,7 @@ def test_end_to_end_with_generated_libero_dataset(tmp_path, tokenizer):
 
 
 def test_worker_processes_give_the_same_batches(tokenizer):
-    """mp_prefetch workers (absl flags marked parsed, as REFERENCE.md notes) == threads."""
+    """mp_prefetch workers (they need absl flags marked parsed: docs/design.md §5.3) == threads."""
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()

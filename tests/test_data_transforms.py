@@ -185,8 +185,7 @@ def _blob_mask(h=96, w=128):
 
 
 def _kind_cfg(kind, **kw):
-    probs = tuple(1.0 if k == kind else 0.0 for k in prompts.PROMPT_KINDS)
-    return prompts.PromptConfig(kind_probs=probs, **kw)
+    return prompts.PromptConfig(kind_probs={kind: 1.0}, **kw)
 
 
 def _pixels(points, h, w):
@@ -252,7 +251,9 @@ def test_prompt_box_bounds_mask_and_mask_prompt():
 
 
 def test_prompt_absent_mask_and_probabilities():
-    cfg = prompts.PromptConfig(kind_probs=(0.4, 0.1, 0.2, 0.1, 0.2))
+    cfg = prompts.PromptConfig(
+        kind_probs={"points": 0.4, "line": 0.1, "box": 0.2, "mask": 0.1, "none": 0.2}
+    )
     for m in (None, np.zeros((32, 32), np.float32)):
         out = prompts.sample_visual_prompt(m, np.random.default_rng(0), cfg, image_size=(32, 32))
         assert prompts.prompt_kind(out) == "none" and out["prompt_mask"].shape == (32, 32)
@@ -261,10 +262,40 @@ def test_prompt_absent_mask_and_probabilities():
     rng = np.random.default_rng(1)
     n = 2000
     kinds = [prompts.prompt_kind(prompts.sample_visual_prompt(mask, rng, cfg)) for _ in range(n)]
-    for kind, p in zip(prompts.PROMPT_KINDS, cfg.kind_probs):
+    for kind, p in cfg.kind_probs.items():
         assert abs(kinds.count(kind) / n - p) < 0.04, (kind, kinds.count(kind) / n)
     with pytest.raises(ValueError, match="max_points"):
         prompts.PromptConfig(max_points=4, line_points=5)
+
+
+def test_kind_probs_mapping_and_the_positional_form_of_older_configs():
+    # Kinds left out get 0; the stored mapping lists every kind in PROMPT_KINDS' order.
+    cfg = prompts.PromptConfig(kind_probs={"box": 2.0})
+    assert list(cfg.kind_probs) == list(prompts.PROMPT_KINDS)
+    assert cfg.kind_probs == {"points": 0.0, "line": 0.0, "box": 2.0, "mask": 0.0, "none": 0.0}
+    # Configs saved before kind_probs became a mapping hold a list in PROMPT_KINDS' order.
+    legacy = prompts.PromptConfig(kind_probs=[0.25, 0.2, 0.2, 0.15, 0.2])
+    assert legacy == prompts.PromptConfig()
+    assert legacy.kind_probs == prompts.DEFAULT_KIND_PROBS
+    # Same probabilities, same draws: the list and the mapping sample the same prompts.
+    mask = _blob_mask()
+    for seed in range(20):
+        a = prompts.sample_visual_prompt(mask, np.random.default_rng(seed), legacy)
+        b = prompts.sample_visual_prompt(
+            mask,
+            np.random.default_rng(seed),
+            prompts.PromptConfig(
+                kind_probs=dict(reversed(list(prompts.DEFAULT_KIND_PROBS.items())))
+            ),
+        )
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="unknown prompt kinds"):
+        prompts.PromptConfig(kind_probs={"scribble": 1.0})
+    with pytest.raises(ValueError, match="5 entries"):
+        prompts.PromptConfig(kind_probs=[1.0, 0.0])
+    with pytest.raises(ValueError, match="not all 0"):
+        prompts.PromptConfig(kind_probs={"none": 0.0})
 
 
 def test_format_instruction():

@@ -92,10 +92,9 @@ class DataConfig:
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in raw["augment_cfg"].items()}
             )
         if isinstance(raw.get("prompt_cfg"), Mapping):
-            pc = dict(raw["prompt_cfg"])
-            if "kind_probs" in pc:
-                pc["kind_probs"] = tuple(pc["kind_probs"])
-            raw["prompt_cfg"] = prompts.PromptConfig(**pc)
+            # PromptConfig takes kind_probs as a mapping, or as the positional list that
+            # configs saved before it became a mapping hold (converted, see kind_probs_mapping).
+            raw["prompt_cfg"] = prompts.PromptConfig(**raw["prompt_cfg"])
         if "datasets" in raw:
             raw["datasets"] = tuple((str(n), float(w)) for n, w in raw["datasets"])
         return cls(**raw)

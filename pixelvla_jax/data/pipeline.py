@@ -3,10 +3,11 @@
     sources (one StepDataset per dataset; random access to standardised step samples)
       -> per source: shard by JAX process, shuffle (seeded), repeat (reshuffled each epoch)
       -> mixture with weights (optionally times the dataset sizes)
-      -> per-sample transform with an RNG seeded from (seed, global index):
-         decode, resize (the evaluation resize) or, when augmenting, OpenVLA's random crop
-         resampled straight from the source frame (same crop on the mask) + colour jitter,
-         visual prompt from the mask, text prompt -> tokens, BOUNDS_Q99 normalisation
+      -> per-sample transform with an RNG seeded from (seed, global index): decode, then
+         `data.example.ExampleBuilder` (the builder the policy acts with): resize (the
+         evaluation resize) or, when augmenting, OpenVLA's random crop resampled straight
+         from the source frame (same crop on the mask) + colour jitter, visual prompt from
+         the mask, text prompt -> tokens, BOUNDS_Q99 normalisation
       -> batch (drop remainder) -> thread-parallel reading -> optional worker processes.
 
 Everything up to the batch is a `grain.MapDataset`: batch k depends only on (seed, k), not
@@ -22,7 +23,6 @@ the workers re-import `__main__`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,11 +30,9 @@ import grain
 import numpy as np
 
 from pixelvla_jax.data import image as image_lib
-from pixelvla_jax.data import normalization, prompts
 from pixelvla_jax.data.config import BATCH_KEYS, DataConfig, batch_spec
-from pixelvla_jax.data.tokenizer import PAD_ID, Tokenizer
-
-log = logging.getLogger(__name__)
+from pixelvla_jax.data.example import ExampleBuilder
+from pixelvla_jax.data.tokenizer import Tokenizer
 
 __all__ = ["BATCH_KEYS", "DataConfig", "SampleTransform", "batch_spec", "make_dataset"]
 
@@ -97,16 +95,6 @@ def _decode_sample_mask(sample: Mapping, key: str, image_hw: tuple[int, int]) ->
     return mask
 
 
-def _mask_centroid(mask: np.ndarray | None) -> np.ndarray | None:
-    """[S, S] mask -> its centroid (x, y) in [0, 1] of the image (pixel (r, c) covers
-    ((c + 0.5) / S, (r + 0.5) / S)), or None for no mask."""
-    if mask is None:
-        return None
-    rows, cols = np.nonzero(mask > 0.5)
-    h, w = mask.shape
-    return np.array([(cols.mean() + 0.5) / w, (rows.mean() + 0.5) / h], np.float32)
-
-
 def _sample_context(sample: Mapping) -> str:
     return (
         f"dataset {sample.get('dataset_name', '?')!r}, episode {sample.get('episode_index', '?')},"
@@ -117,129 +105,39 @@ def _sample_context(sample: Mapping) -> str:
 class SampleTransform(grain.transforms.RandomMap):
     """One standardised step sample (+ dataset id) -> one model-ready example (numpy).
 
+    Decodes the sample and hands it to `ExampleBuilder` (the builder `Policy` acts with):
+    `build(train=True)` for the observation, `actions` for the normalised chunk and proprio.
     Picklable (for worker processes). The RNG comes from Grain, seeded by (seed, index).
     """
 
     def __init__(self, cfg: DataConfig, statistics: Sequence[Mapping], tokenizer: Tokenizer):
-        self.cfg = cfg
-        self.statistics = [dict(s) for s in statistics]
-        self.tokenizer = tokenizer
-        self._token_cache: dict[str, np.ndarray] = {}
-        self.truncated = 0
+        self.builder = ExampleBuilder(cfg, statistics, tokenizer)
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_token_cache"] = {}
-        return state
-
-    def tokens_for(self, instruction) -> np.ndarray:
-        """Instruction -> padded int32 [L] token ids (cached per instruction)."""
-        key = instruction if isinstance(instruction, str) else bytes(instruction).decode("utf-8")
-        cached = self._token_cache.get(key)
-        if cached is not None:
-            return cached
-        cfg = self.cfg
-        text = prompts.format_instruction(key, cfg.prompt_template)
-        ids = self.tokenizer.encode(text, add_bos=True)
-        if len(ids) > cfg.max_tokens:
-            if cfg.on_long_prompt == "error":
-                raise ValueError(
-                    f"prompt has {len(ids)} tokens > max_tokens={cfg.max_tokens}: {text!r}. Raise "
-                    "DataConfig.max_tokens or set on_long_prompt='truncate'."
-                )
-            self.truncated += 1
-            if self.truncated == 1:
-                log.warning(
-                    "truncating prompt of %d tokens to %d: %r", len(ids), cfg.max_tokens, text
-                )
-            ids = ids[: cfg.max_tokens]
-        out = np.full((cfg.max_tokens,), PAD_ID, np.int32)
-        out[: len(ids)] = ids
-        if len(self._token_cache) < 100_000:
-            self._token_cache[key] = out
-        return out
+    @property
+    def cfg(self) -> DataConfig:
+        return self.builder.cfg
 
     def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
         dataset_id, sample = element
-        cfg = self.cfg
-        size = cfg.image_size
-
         image = image_lib.decode_pil(sample["image"], "RGB")
-        target = _decode_sample_mask(sample, "pixel_mask", image.size[::-1])
-        dropped = (
-            target is not None
-            and cfg.pixel_mask_dropout > 0
-            and rng.random() < cfg.pixel_mask_dropout
+        example = self.builder.build(
+            image,
+            sample["instruction"],
+            _decode_sample_mask(sample, "pixel_mask", image.size[::-1]),
+            _decode_sample_mask(sample, "referred_mask", image.size[::-1]),
+            rng=rng,
+            train=True,
         )
-        # The patch-grounding target: the objects the instruction fits where the data says
-        # (referred_mask), else the target itself. Unlike the pixel input, the target's mask
-        # and centre stay labels when the input is dropped.
-        grounding = _decode_sample_mask(sample, "referred_mask", image.size[::-1])
-        if grounding is None or not grounding.any():
-            grounding = target
-        if cfg.augment:
-            # One resampling from the source frame: the geometry of resize_image + crop.
-            image, (target, grounding) = image_lib.augment(
-                image, [target, grounding], rng, cfg.augment_cfg, size=size
+        example.update(
+            self.builder.actions(
+                sample["action_chunk"],
+                sample["action_pad_mask"],
+                sample.get("proprio"),
+                dataset_id,
+                context=_sample_context(sample),
             )
-        else:
-            image = image_lib.resize_image(image, size)
-            target, grounding = (
-                None if m is None else image_lib.resize_mask(m, size) for m in (target, grounding)
-            )
-        # None where the crop or the resize removed the object (or there was none).
-        target, grounding = (None if m is None or not m.any() else m for m in (target, grounding))
-        mask = None if dropped else target
-        point = _mask_centroid(target)
-        if cfg.visual_prompts:
-            prompt = prompts.sample_visual_prompt(
-                mask, rng, cfg.prompt_cfg, image_size=(size, size)
-            )
-        else:
-            prompt = prompts.empty_prompt(cfg.prompt_cfg.max_points, size, size)
-
-        tokens = self.tokens_for(sample["instruction"])
-
-        chunk = np.asarray(sample["action_chunk"], np.float32)
-        if chunk.shape != (cfg.action_chunk, cfg.action_dim):
-            raise ValueError(
-                f"action_chunk has shape {chunk.shape}, expected (action_chunk={cfg.action_chunk},"
-                f" action_dim={cfg.action_dim}) ({_sample_context(sample)}); build the sources "
-                "with the same chunk length as DataConfig.action_chunk."
-            )
-        proprio = np.asarray(sample.get("proprio", np.zeros((0,), np.float32)), np.float32)
-        actions, proprio = normalization.normalize_sample(
-            chunk, proprio, self.statistics[dataset_id]
         )
-        if proprio.shape[-1] > cfg.proprio_dim:
-            raise ValueError(
-                f"proprio has {proprio.shape[-1]} dims > DataConfig.proprio_dim={cfg.proprio_dim} "
-                f"({_sample_context(sample)})."
-            )
-        proprio_out = np.zeros((cfg.proprio_dim,), np.float32)
-        proprio_out[: proprio.shape[-1]] = proprio
-
-        return {
-            "image": image,
-            "pixel_mask": mask if mask is not None else np.zeros((size, size), np.float32),
-            "has_pixel_mask": np.bool_(mask is not None),
-            "prompt_points": prompt["prompt_points"],
-            "prompt_types": prompt["prompt_types"],
-            "prompt_mask": prompt["prompt_mask"],
-            "has_prompt_mask": np.bool_(prompt["has_prompt_mask"]),
-            "tokens": tokens,
-            "token_mask": tokens != PAD_ID,
-            "actions": actions,
-            "action_pad_mask": np.asarray(sample["action_pad_mask"], bool),
-            "proprio": proprio_out,
-            "dataset_id": np.int32(dataset_id),
-            "grounding_mask": (
-                grounding if grounding is not None else np.zeros((size, size), np.float32)
-            ),
-            "has_grounding_mask": np.bool_(grounding is not None),
-            "target_point": np.zeros(2, np.float32) if point is None else point,
-            "has_target_point": np.bool_(point is not None),
-        }
+        return {k: example[k] for k in BATCH_KEYS}
 
 
 # ------------------------------------------------------------------ sources

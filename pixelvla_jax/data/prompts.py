@@ -1,7 +1,9 @@
 """Visual prompts sampled from an object mask, and the text prompt templates.
 
-`sample_visual_prompt` is shared by training, evaluation and the annotation pipeline. One
-call picks one prompt kind with the configured probabilities:
+`PROMPT_KINDS` are the ways a user can single out the target object, one vocabulary for the
+data pipeline, the policy and the evaluations. `sample_visual_prompt` is shared by training,
+evaluation and the annotation pipeline. One call picks one prompt kind with the configured
+probabilities (`PromptConfig.kind_probs`, a mapping kind -> probability):
 
 - "points": 1..max_positive points inside the mask (PROMPT_POSITIVE) and 0..max_negative
   points outside it (PROMPT_NEGATIVE);
@@ -9,7 +11,8 @@ call picks one prompt kind with the configured probabilities:
   through the mask, every point on a mask pixel;
 - "box": the mask's bounding box as two corners (PROMPT_BOX_TOP_LEFT / _BOTTOM_RIGHT),
   optionally jittered;
-- "mask": the mask itself as a dense prompt (`has_prompt_mask`);
+- "mask": the mask itself as a dense prompt (`has_prompt_mask`); a policy given "mask" also
+  feeds it to the pixel-aware encoder (`data.example.ExampleBuilder`);
 - "none": no prompt.
 
 Coordinates are (x, y) in [0, 1] of the width / height; a pixel (row r, col c) has its
@@ -20,6 +23,7 @@ An absent or empty mask always gives "none".
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -32,9 +36,13 @@ from pixelvla_jax.models.observation import (
     PROMPT_POSITIVE,
 )
 
+# Also the order in which `sample_visual_prompt` draws a kind (reordering would change every
+# sampled prompt) and the order of the positional `kind_probs` of configs saved before
+# kind_probs became a mapping.
 PROMPT_KINDS = ("points", "line", "box", "mask", "none")
+DEFAULT_KIND_PROBS = {"points": 0.25, "line": 0.2, "box": 0.2, "mask": 0.15, "none": 0.2}
 
-# DESIGN §1.3: the paper's template with our placeholder words.
+# docs/design.md §1.3: the paper's template with our placeholder words.
 PIXELVLA_TEMPLATE = (
     "In: What should the robot do to {instruction}, refer to <pixel> <prompt>?\nOut:"
 )
@@ -43,24 +51,48 @@ OPENVLA_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut
 TEMPLATES = {"pixelvla": PIXELVLA_TEMPLATE, "openvla": OPENVLA_TEMPLATE}
 
 
+def kind_probs_mapping(kind_probs: Mapping[str, float] | Sequence[float]) -> dict[str, float]:
+    """`kind_probs` as {kind: probability} over all of PROMPT_KINDS (in that order).
+
+    Accepts a mapping (kinds it leaves out get 0) or the positional list in PROMPT_KINDS'
+    order that configs saved before kind_probs became a mapping hold.
+    """
+    if isinstance(kind_probs, Mapping) or hasattr(kind_probs, "items"):
+        given = {str(k): float(v) for k, v in kind_probs.items()}
+        unknown = sorted(set(given) - set(PROMPT_KINDS))
+        if unknown:
+            raise ValueError(
+                f"PromptConfig.kind_probs: unknown prompt kinds {unknown}; use {PROMPT_KINDS}."
+            )
+    else:
+        values = [float(v) for v in kind_probs]
+        if len(values) != len(PROMPT_KINDS):
+            raise ValueError(
+                f"PromptConfig.kind_probs as a list needs {len(PROMPT_KINDS)} entries in the order "
+                f"{PROMPT_KINDS}, got {list(kind_probs)}; better give a mapping kind -> probability."
+            )
+        given = dict(zip(PROMPT_KINDS, values))
+    return {k: given.get(k, 0.0) for k in PROMPT_KINDS}
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-    """How visual prompts are sampled. `kind_probs` follow PROMPT_KINDS' order."""
+    """How visual prompts are sampled. `kind_probs`: {kind: probability} (need not sum to 1;
+    kinds left out get 0)."""
 
     max_points: int = 8  # P: fixed number of prompt slots
-    kind_probs: tuple[float, float, float, float, float] = (0.25, 0.2, 0.2, 0.15, 0.2)
+    kind_probs: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_KIND_PROBS)
+    )
     max_positive: int = 3
     max_negative: int = 2
     line_points: int = 5
     box_jitter: float = 0.0  # std of corner noise as a fraction of the box side
 
     def __post_init__(self):
-        if len(self.kind_probs) != len(PROMPT_KINDS):
-            raise ValueError(
-                f"PromptConfig.kind_probs needs {len(PROMPT_KINDS)} entries for {PROMPT_KINDS},"
-                f" got {self.kind_probs}."
-            )
-        if min(self.kind_probs) < 0 or sum(self.kind_probs) <= 0:
+        object.__setattr__(self, "kind_probs", kind_probs_mapping(self.kind_probs))
+        probs = self.kind_probs.values()
+        if min(probs) < 0 or sum(probs) <= 0:
             raise ValueError(
                 f"PromptConfig.kind_probs must be >= 0 and not all 0: {self.kind_probs}"
             )
@@ -146,7 +178,7 @@ def sample_visual_prompt(
     out = empty_prompt(p, h, w)
     if not binary.any():
         return out
-    probs = np.asarray(cfg.kind_probs, np.float64)
+    probs = np.asarray([cfg.kind_probs[k] for k in PROMPT_KINDS], np.float64)
     kind = PROMPT_KINDS[rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())]
     points, types = out["prompt_points"], out["prompt_types"]
 
@@ -207,7 +239,7 @@ def format_instruction(instruction, template: str = PIXELVLA_TEMPLATE) -> str:
     Args:
       instruction: str or bytes (RLDS text comes back as bytes).
       template: a format string with `{instruction}`, or a name in TEMPLATES
-        ("pixelvla" = DESIGN §1.3, "openvla" = the released OpenVLA-7B prompt).
+        ("pixelvla" = docs/design.md §1.3, "openvla" = the released OpenVLA-7B prompt).
     """
     if isinstance(instruction, (bytes, bytearray, np.bytes_)):
         instruction = bytes(instruction).decode("utf-8")

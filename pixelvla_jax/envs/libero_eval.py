@@ -3,7 +3,7 @@
     python -m pixelvla_jax.evaluate --checkpoint=runs/libero --suite=libero_spatial \
         --trials=50 --pixel_input=oracle --workers=8 --out=runs/libero/eval_libero_spatial
 
-Protocol (OpenVLA / OpenVLA-OFT / openpi; REFERENCE.md): per task, trial k starts from the
+Protocol (OpenVLA / OpenVLA-OFT / openpi; docs/design.md §5.4): per task, trial k starts from the
 task's official initial state k (`OffScreenRenderEnv` at 256x256, env seed 0); the first 10
 steps send the no-op [0, 0, 0, 0, 0, 0, -1]; then at most 220 / 280 / 300 / 520 / 400 steps
 (spatial / object / goal / 10 / 90). The agent-view frame is rotated 180 deg and given to
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from pixelvla_jax.envs import libero as libero_lib
+from pixelvla_jax.envs.rollout import act_padded, to_libero_actions
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +324,6 @@ def _load_policy(checkpoint: Any, step: int | None) -> Any:
     from pixelvla_jax.policy import Policy
 
     return Policy.from_checkpoint(checkpoint, step=step)
-
-
-def _to_libero(actions: np.ndarray) -> np.ndarray:
-    """Policy actions (gripper 1 = open, 0 = closed) -> LIBERO's, gripper binarised to -1/+1."""
-    from pixelvla_jax.data.normalization import open01_to_libero_gripper
-
-    out = np.asarray(actions, np.float32).copy()
-    out[..., -1] = open01_to_libero_gripper(out[..., -1], binarize=True)
-    return out
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
@@ -629,25 +621,15 @@ def _run_pending(
 
 
 def _act(policy: Any, payloads: list[dict], batch: int, prompt_kind: str, seed: int) -> np.ndarray:
-    """One policy call padded to `batch` rows -> [len(payloads), N_c, 7] LIBERO actions.
-
-    Padding keeps the batch shape fixed, so the policy compiles once. Visual prompts other than
-    "mask" are sampled with (seed, row), i.e. they depend on the order of the batch's rows.
-    """
-    images = [p["image"] for p in payloads]
-    shape = images[0].shape[:2]
-    masks = [
-        np.zeros(shape, np.float32) if p["mask"] is None else np.asarray(p["mask"], np.float32)
-        for p in payloads
-    ]
-    kinds = [prompt_kind if m.any() else "none" for m in masks]
-    pad = batch - len(payloads)
-    instructions = [p["instruction"] for p in payloads] + [payloads[0]["instruction"]] * pad
-    images += [images[0]] * pad
-    masks += [masks[0]] * pad
-    kinds += [kinds[0]] * pad
-    use_masks = any(k != "none" for k in kinds)
-    actions = policy.act(
-        np.stack(images), instructions, np.stack(masks) if use_masks else None, kinds, seed=seed
+    """One policy call padded to `batch` rows (the PixelRef runner's `act_padded`) ->
+    [len(payloads), N_c, 7] LIBERO actions, the gripper binarised (`to_libero_actions`)."""
+    actions = act_padded(
+        policy,
+        [p["image"] for p in payloads],
+        [p["instruction"] for p in payloads],
+        [p["mask"] for p in payloads],
+        prompt_kind,
+        batch,
+        seed,
     )
-    return _to_libero(np.asarray(actions)[: len(payloads)])
+    return to_libero_actions(actions, binarize=True)

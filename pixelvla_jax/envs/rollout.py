@@ -12,8 +12,9 @@ An environment here is any object built as `env_cls(seed)` with
                                             target from its look-alikes
 
 `run_episodes` steps up to `batch_size` environments together: whenever an episode has no
-planned actions left, it is given a new chunk from one batched `policy.act` call, and its
-first `replan` actions (the whole chunk by default) are executed open loop. `evaluate_policy`
+planned actions left, it is given a new chunk from one batched `policy.act` call (`act_padded`,
+shared with the LIBERO runner), and its first `replan` actions (the whole chunk by default)
+are executed open loop, converted by `to_libero_actions` (also shared). `evaluate_policy`
 runs the same seeded episodes once per prompt kind and writes results.json, a bar plot
 (success.png, drawn with PIL) and a few rollout GIFs.
 """
@@ -32,11 +33,50 @@ from PIL import Image, ImageDraw
 from pixelvla_jax.data.normalization import open01_to_libero_gripper
 
 
-def standardised_to_libero(action: np.ndarray) -> np.ndarray:
-    """Policy output (gripper 1 = open, 0 = closed) -> LIBERO's (-1 open, +1 close)."""
-    out = np.asarray(action, np.float32).copy()
-    out[..., -1] = open01_to_libero_gripper(out[..., -1])
+def to_libero_actions(actions: np.ndarray, binarize: bool = True) -> np.ndarray:
+    """[..., 7] policy actions (gripper 1 = open, 0 = closed) -> LIBERO's convention (gripper
+    -1 open, +1 close), the gripper binarised to -1 / +1 by default as all public LIBERO
+    evaluations do. Used by both runners (PixelRef's and LIBERO's)."""
+    out = np.asarray(actions, np.float32).copy()
+    out[..., -1] = open01_to_libero_gripper(out[..., -1], binarize=binarize)
     return out
+
+
+def act_padded(
+    policy: Any,
+    images: Sequence[np.ndarray],
+    instructions: Sequence[str],
+    masks: Sequence[np.ndarray | None],
+    prompt_kind: str,
+    batch_size: int,
+    seed: int,
+) -> np.ndarray:
+    """One `policy.act` call on n <= batch_size samples, padded to `batch_size` rows so the
+    policy compiles once -> [n, N_c, A] (the padding rows dropped).
+
+    Per sample the policy is given `prompt_kind` where its mask has pixels, else "none" (a
+    None mask counts as empty). Visual prompts other than "mask" are sampled with (seed, row),
+    i.e. they depend on the order of the rows.
+    """
+    n = len(images)
+    if not 0 < n <= batch_size or len(instructions) != n or len(masks) != n:
+        raise ValueError(
+            f"act_padded: {n} images, {len(instructions)} instructions and {len(masks)} masks "
+            f"for a batch of {batch_size}; give 1..batch_size of each."
+        )
+    shape = np.shape(images[0])[:2]
+    masks = [np.zeros(shape, np.float32) if m is None else np.asarray(m, np.float32) for m in masks]
+    kinds = [prompt_kind if m.any() else "none" for m in masks]
+    pad = batch_size - n
+    images = list(images) + [images[0]] * pad
+    instructions = list(instructions) + [instructions[0]] * pad
+    masks += [masks[0]] * pad
+    kinds += [kinds[0]] * pad
+    use_masks = any(k != "none" for k in kinds)
+    actions = policy.act(
+        np.stack(images), instructions, np.stack(masks) if use_masks else None, kinds, seed=seed
+    )
+    return np.asarray(actions)[:n]
 
 
 def episode_seeds(seed: int, num_episodes: int) -> list[int]:
@@ -53,7 +93,7 @@ def run_episodes(
     replan: int = 0,
     batch_size: int = 50,
     record: Sequence[int] = (),
-    to_env_action: Callable[[np.ndarray], np.ndarray] = standardised_to_libero,
+    to_env_action: Callable[[np.ndarray], np.ndarray] = to_libero_actions,
     prompt_seed: int = 0,
 ) -> list[dict]:
     """Runs one episode per seed with `policy` given `prompt_kind` inputs.
@@ -66,7 +106,7 @@ def run_episodes(
       prompt_kind: what the policy is given (see `pixelvla_jax.policy.PROMPT_KINDS`).
       replan: actions executed per predicted chunk (0 or > N_c: the whole chunk).
       batch_size: episodes stepped together; `policy.act` always sees this batch size
-        (padded), so it compiles once.
+        (padded by `act_padded`), so it compiles once.
       record: indices (into `seeds`) of episodes whose frames are kept for GIFs.
       to_env_action: maps one policy action to the environment's convention.
       prompt_seed: seeds the visual prompts.
@@ -89,20 +129,13 @@ def run_episodes(
                 break
             need = [j for j in active if not plans[j]]
             if need:
-                images = [envs[j].image() for j in need]
-                masks = [envs[j].target_mask() for j in need]
-                shape = images[0].shape[:2]
-                masks = [m if m is not None else np.zeros(shape, np.float32) for m in masks]
-                kinds = [prompt_kind if m.any() else "none" for m in masks]
-                pad = batch_size - len(need)
-                images += [images[0]] * pad
-                masks += [masks[0]] * pad
-                kinds += [kinds[0]] * pad
-                actions = policy.act(
-                    np.stack(images),
-                    [envs[j].instruction for j in need] + [envs[need[0]].instruction] * pad,
-                    np.stack(masks).astype(np.float32),
-                    kinds,
+                actions = act_padded(
+                    policy,
+                    [envs[j].image() for j in need],
+                    [envs[j].instruction for j in need],
+                    [envs[j].target_mask() for j in need],
+                    prompt_kind,
+                    batch_size,
                     seed=prompt_seed * 1_000_003 + start * 1_009 + calls,
                 )
                 calls += 1

@@ -1,0 +1,317 @@
+"""The example builder: one raw frame + instruction (+ target mask) -> one model-ready example.
+
+Training (`pipeline.SampleTransform.random_map`) and acting (`policy.Policy.preprocess`) both
+call `ExampleBuilder.build`, so what a policy sees at evaluation is made by the function that
+made its training examples (docs/design.md §2.1), from the same `DataConfig` the run trained with:
+
+    build(..., train=True)    the training example:
+        geometry  OpenVLA's random-resized crop + colour jitter (`image.augment`) when
+                  `augment`, else `image.resize_image` / `resize_mask`
+        pixels    the target mask, hidden with probability `pixel_mask_dropout`
+        prompt    a kind drawn from `prompt_cfg.kind_probs`, sampled from the (kept) mask
+    build(..., train=False, prompt_kind=k)    the acting example:
+        geometry  deterministic: `image.center_crop` at the mean crop scale when the run
+                  trained with the random crop (what OpenVLA evaluates on), else the resize
+        k="mask"  the mask as the pixel input (and as a dense mask prompt when the run
+                  trained with those)
+        k="points" / "line" / "box"   a prompt of that kind sampled from the mask; no
+                  pixel input
+        k="none"  neither
+
+In both modes the text goes through the run's template and tokenizer (cached per
+instruction), and the grounding labels (the referred objects' mask, else the target's, and
+the target's centre) are computed with the same geometry. Random draws come from the
+caller's `rng`, in a fixed order (training: mask dropout, crop box, colour jitter, prompt),
+so a pipeline seeded by (seed, index) gives the same example on every run and resume.
+
+No Grain, no model: data knows the example layout (`data.config.BATCH_KEYS`), not models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pixelvla_jax.data import image as image_lib
+from pixelvla_jax.data import normalization, prompts
+from pixelvla_jax.data.config import BATCH_KEYS, DataConfig
+from pixelvla_jax.data.tokenizer import PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ACTION_KEYS", "EXAMPLE_KEYS", "ExampleBuilder"]
+
+# The keys `ExampleBuilder.actions` fills; `build` fills the rest of BATCH_KEYS.
+ACTION_KEYS = ("actions", "action_pad_mask", "proprio", "dataset_id")
+EXAMPLE_KEYS = tuple(k for k in BATCH_KEYS if k not in ACTION_KEYS)
+
+
+class ExampleBuilder:
+    """Builds model-ready examples for one run's `DataConfig` (see module docstring).
+
+    Picklable (the pipeline's worker processes each get a copy).
+
+    Args:
+      cfg: the run's DataConfig (or a mapping of it).
+      statistics: one OpenVLA-layout statistics dict per dataset (indexed by `dataset_id`
+        in `actions`); `build` does not need them.
+      tokenizer: the run's tokenizer.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig | Mapping,
+        statistics: Sequence[Mapping],
+        tokenizer: Tokenizer,
+    ):
+        self.cfg = DataConfig.from_mapping(cfg)
+        self.statistics = [dict(s) for s in statistics]
+        self.tokenizer = tokenizer
+        self._token_cache: dict[str, np.ndarray] = {}
+        self.truncated = 0  # prompts cut to max_tokens (on_long_prompt="truncate")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_token_cache"] = {}
+        return state
+
+    # ------------------------------------------------------------------ what the run trained
+
+    @property
+    def trained_with_crop(self) -> bool:
+        """True when training used OpenVLA's random crop (acting then takes the centre crop)."""
+        aug = self.cfg.augment_cfg
+        return bool(self.cfg.augment and aug.enabled and min(aug.crop_scale) < 1.0)
+
+    @property
+    def trained_dense_mask_prompts(self) -> bool:
+        """True when training showed the mask as a dense visual prompt (kind "mask")."""
+        return bool(self.cfg.visual_prompts and self.cfg.prompt_cfg.kind_probs["mask"] > 0)
+
+    # ------------------------------------------------------------------ text
+
+    def tokens_for(self, instruction: str | bytes) -> np.ndarray:
+        """Instruction -> padded int32 [L] token ids (cached per instruction)."""
+        key = instruction if isinstance(instruction, str) else bytes(instruction).decode("utf-8")
+        cached = self._token_cache.get(key)
+        if cached is not None:
+            return cached
+        cfg = self.cfg
+        text = prompts.format_instruction(key, cfg.prompt_template)
+        ids = self.tokenizer.encode(text, add_bos=True)
+        if len(ids) > cfg.max_tokens:
+            if cfg.on_long_prompt == "error":
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens > max_tokens={cfg.max_tokens}: {text!r}. Raise "
+                    "DataConfig.max_tokens or set on_long_prompt='truncate'."
+                )
+            self.truncated += 1
+            if self.truncated == 1:
+                log.warning(
+                    "truncating prompt of %d tokens to %d: %r", len(ids), cfg.max_tokens, text
+                )
+            ids = ids[: cfg.max_tokens]
+        out = np.full((cfg.max_tokens,), PAD_ID, np.int32)
+        out[: len(ids)] = ids
+        if len(self._token_cache) < 100_000:
+            self._token_cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ the example
+
+    def build(
+        self,
+        image: np.ndarray | Image.Image,
+        instruction: str | bytes,
+        target_mask: np.ndarray | None = None,
+        referred_mask: np.ndarray | None = None,
+        *,
+        rng: np.random.Generator,
+        train: bool,
+        prompt_kind: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """One example: the EXAMPLE_KEYS of a batch, unbatched.
+
+        Args:
+          image: uint8 [H, W, 3] raw frame (or a decoded PIL RGB image).
+          instruction: the task instruction (str or UTF-8 bytes); the template is applied here.
+          target_mask: [H, W] mask of the target object (bool / uint8 / float), or None.
+          referred_mask: [H, W] mask of every object the instruction fits (grounding label
+            only), or None: the target mask stands in.
+          rng: the example's random draws (training: augmentation, dropout, prompt; acting:
+            the points / line / box prompt).
+          train: training example (augmentation, dropout, sampled prompt kind) or acting one.
+          prompt_kind: acting only: one of `prompts.PROMPT_KINDS`.
+        Returns:
+          dict: image uint8 [S, S, 3], pixel_mask float32 [S, S], has_pixel_mask bool,
+          prompt_points float32 [P, 2], prompt_types int32 [P], prompt_mask float32 [S, S],
+          has_prompt_mask bool, tokens int32 [L], token_mask bool [L], grounding_mask float32
+          [S, S], has_grounding_mask bool, target_point float32 [2], has_target_point bool.
+        """
+        cfg = self.cfg
+        size = cfg.image_size
+        if train and prompt_kind is not None:
+            raise ValueError(
+                f"ExampleBuilder.build: a training example draws its prompt kind from "
+                f"DataConfig.prompt_cfg.kind_probs; got prompt_kind={prompt_kind!r}."
+            )
+        if not train:
+            _check_acting_kind(prompt_kind, target_mask)
+        hw = image.size[::-1] if isinstance(image, Image.Image) else np.shape(image)[:2]
+        for name, m in (("target_mask", target_mask), ("referred_mask", referred_mask)):
+            if m is not None and np.shape(m) != tuple(hw):
+                raise ValueError(
+                    f"ExampleBuilder.build: {name} shape {np.shape(m)} does not match image "
+                    f"shape {(*hw, 3)}."
+                )
+
+        # Drawn first (training), whether or not the mask has pixels: the draw order is fixed.
+        dropped = (
+            train
+            and target_mask is not None
+            and cfg.pixel_mask_dropout > 0
+            and rng.random() < cfg.pixel_mask_dropout
+        )
+        # The patch-grounding target: the objects the instruction fits where the data says
+        # (referred_mask), else the target itself. Unlike the pixel input, the target's mask
+        # and centre stay labels when the input is dropped.
+        if referred_mask is not None and not np.asarray(referred_mask).any():
+            referred_mask = None
+        image, (target, referred) = self._geometry(image, [target_mask, referred_mask], rng, train)
+        grounding = target if referred_mask is None else referred
+        # None where the crop or the resize removed the object (or there was none).
+        target, grounding = (None if m is None or not m.any() else m for m in (target, grounding))
+        point = _mask_centroid(target)
+
+        if train:
+            pixel_input = None if dropped else target
+            prompt_source = pixel_input
+            prompt_cfg = cfg.prompt_cfg if cfg.visual_prompts else None
+        else:
+            if prompt_kind != "none" and target is None:
+                raise ValueError(
+                    f"prompt kind {prompt_kind!r}: the target mask is empty after the resize to "
+                    f"{size} px; give a larger mask or use 'none'."
+                )
+            pixel_input = target if prompt_kind == "mask" else None
+            prompt_source = target
+            mask_alone = prompt_kind == "mask" and not self.trained_dense_mask_prompts
+            prompt_cfg = (
+                None
+                if prompt_kind == "none" or mask_alone
+                else dataclasses.replace(cfg.prompt_cfg, kind_probs={prompt_kind: 1.0})
+            )
+        if prompt_cfg is None:
+            prompt = prompts.empty_prompt(cfg.prompt_cfg.max_points, size, size)
+        else:
+            prompt = prompts.sample_visual_prompt(
+                prompt_source, rng, prompt_cfg, image_size=(size, size)
+            )
+        tokens = self.tokens_for(instruction)
+        empty = np.zeros((size, size), np.float32)
+        return {
+            "image": image,
+            "pixel_mask": empty if pixel_input is None else pixel_input,
+            "has_pixel_mask": np.bool_(pixel_input is not None),
+            "prompt_points": prompt["prompt_points"],
+            "prompt_types": prompt["prompt_types"],
+            "prompt_mask": prompt["prompt_mask"],
+            "has_prompt_mask": np.bool_(prompt["has_prompt_mask"]),
+            "tokens": tokens,
+            "token_mask": tokens != PAD_ID,
+            "grounding_mask": empty if grounding is None else grounding,
+            "has_grounding_mask": np.bool_(grounding is not None),
+            "target_point": np.zeros(2, np.float32) if point is None else point,
+            "has_target_point": np.bool_(point is not None),
+        }
+
+    def _geometry(
+        self,
+        image: np.ndarray | Image.Image,
+        masks: list[np.ndarray | None],
+        rng: np.random.Generator,
+        train: bool,
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Frame and masks -> [S, S]: one resampling from the source frame, same box for all."""
+        cfg, size = self.cfg, self.cfg.image_size
+        if train and cfg.augment:
+            return image_lib.augment(image, masks, rng, cfg.augment_cfg, size=size)
+        if not train and self.trained_with_crop:
+            scale = float(np.mean(cfg.augment_cfg.crop_scale))
+            out, cropped = None, []
+            for m in masks:
+                if m is not None:
+                    out, m = image_lib.center_crop(image, m, scale, size=size)
+                cropped.append(m)
+            if out is None:
+                out = image_lib.center_crop(image, scale=scale, size=size)
+            return out, cropped
+        resized = [None if m is None else image_lib.resize_mask(m, size) for m in masks]
+        return image_lib.resize_image(image, size), resized
+
+    # ------------------------------------------------------------------ actions
+
+    def actions(
+        self,
+        action_chunk: np.ndarray,
+        action_pad_mask: np.ndarray,
+        proprio: np.ndarray | None,
+        dataset_id: int,
+        context: str = "",
+    ) -> dict[str, np.ndarray]:
+        """The ACTION_KEYS of a training example: the chunk and proprio normalised with the
+        dataset's statistics (BOUNDS_Q99), proprio zero-padded to `proprio_dim`.
+
+        `context` names the sample in error messages.
+        """
+        cfg = self.cfg
+        where = f" ({context})" if context else ""
+        chunk = np.asarray(action_chunk, np.float32)
+        if chunk.shape != (cfg.action_chunk, cfg.action_dim):
+            raise ValueError(
+                f"action_chunk has shape {chunk.shape}, expected (action_chunk={cfg.action_chunk},"
+                f" action_dim={cfg.action_dim}){where}; build the sources "
+                "with the same chunk length as DataConfig.action_chunk."
+            )
+        proprio = np.asarray(np.zeros((0,), np.float32) if proprio is None else proprio, np.float32)
+        actions, proprio = normalization.normalize_sample(
+            chunk, proprio, self.statistics[dataset_id]
+        )
+        if proprio.shape[-1] > cfg.proprio_dim:
+            raise ValueError(
+                f"proprio has {proprio.shape[-1]} dims > DataConfig.proprio_dim={cfg.proprio_dim}"
+                f"{where}."
+            )
+        proprio_out = np.zeros((cfg.proprio_dim,), np.float32)
+        proprio_out[: proprio.shape[-1]] = proprio
+        return {
+            "actions": actions,
+            "action_pad_mask": np.asarray(action_pad_mask, bool),
+            "proprio": proprio_out,
+            "dataset_id": np.int32(dataset_id),
+        }
+
+
+def _check_acting_kind(kind: Any, target_mask: np.ndarray | None) -> None:
+    if kind not in prompts.PROMPT_KINDS:
+        raise ValueError(f"unknown prompt kind {kind!r}; use one of {prompts.PROMPT_KINDS}.")
+    if kind != "none" and (target_mask is None or not np.asarray(target_mask).any()):
+        raise ValueError(
+            f"prompt kind {kind!r} needs a non-empty pixel mask of the target (the prompt is "
+            "derived from it); give one or use 'none'."
+        )
+
+
+def _mask_centroid(mask: np.ndarray | None) -> np.ndarray | None:
+    """[S, S] mask -> its centroid (x, y) in [0, 1] of the image (pixel (r, c) covers
+    ((c + 0.5) / S, (r + 0.5) / S)), or None for no mask."""
+    if mask is None:
+        return None
+    rows, cols = np.nonzero(mask > 0.5)
+    h, w = mask.shape
+    return np.array([(cols.mean() + 0.5) / w, (rows.mean() + 0.5) / h], np.float32)
