@@ -25,7 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -71,13 +70,11 @@ def make_policy(checkpoint: str):
     if checkpoint:
         return Policy.from_checkpoint(checkpoint)
     from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
-    from pixelvla_jax.policy import abstract_params
+    from pixelvla_jax.runs import abstract_params
     from pixelvla_jax.testing.tiny_openvla import fast_random_params
+    from pixelvla_jax.training import config as config_lib
 
-    spec = importlib.util.spec_from_file_location("cfg_libero", f"{ROOT}/configs/libero.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_lib.load_config("libero:tiny")
     cfg.data.max_tokens = 96
     tok = os.path.join(tempfile.mkdtemp(), "tiny.model")
     train_tiny_tokenizer(tok, vocab_size=cfg.tokenizer.tiny_vocab_size)

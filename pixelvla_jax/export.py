@@ -2,87 +2,27 @@
 
     python -m pixelvla_jax.export --checkpoint=runs/libero --out=exports/libero [--step=N]
 
-The export directory holds the params (Orbax) and, as JSON metadata, the model config,
-the dataset statistics and the tokenizer path: `load_inference(out)` (and the evaluation
-policy) need nothing else. `load_run(path)` reads a training checkpoint the same way.
+The export directory holds the params (Orbax), as JSON metadata the training config, the
+dataset statistics and the step, and the tokenizer file itself (`assets/tokenizer.model`):
+it is a run of its own, relocatable like a checkpoint, and `pixelvla_jax.runs.load_run`
+(hence `Policy.from_checkpoint` and evaluation) loads it like one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pixelvla_jax import runs
 from pixelvla_jax.models import lora as lora_lib
-from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig, init_params_fn
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """What acting needs: the model config, its params, normalisation statistics, tokenizer."""
-
-    config: ml_collections.ConfigDict  # the training config (model.lora.rank = 0 once merged)
-    model_config: PixelVLAConfig
-    params: Any
-    statistics: dict  # dataset name -> OpenVLA-layout statistics
-    tokenizer_path: str
-    step: int
-
-
-def abstract_params(model_config: PixelVLAConfig, dtype: Any = None) -> Any:
-    init = init_params_fn(PixelVLA(model_config))
-    params = jax.eval_shape(lambda r: nn.unbox(init(r)), jax.random.key(0))
-    if dtype is not None:
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
-    return params
-
-
-def load_run(path: str, step: int | None = None) -> LoadedModel:
-    """Reads params (no optimizer state), config, statistics and tokenizer of a training run."""
-    from pixelvla_jax.training import checkpoint as checkpoint_lib
-    from pixelvla_jax.training import config as experiment
-
-    directory = checkpoint_lib.checkpoint_dir(path)
-    ckpt = checkpoint_lib.Checkpointer(directory, async_save=False)
-    try:
-        step = ckpt.latest_complete_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No complete checkpoint in {directory}.")
-        items = ckpt.restore(step)  # JSON items only
-        cfg = ml_collections.ConfigDict(items.config)
-        model_config = experiment.model_config(cfg)
-        abstract = abstract_params(model_config)
-        if cfg.model.frozen_dtype:
-            # Frozen leaves were saved in their training dtype; restore them as such.
-            optim = experiment.optim_config(cfg)
-            from pixelvla_jax.training.optimizer import freeze_labels
-            from pixelvla_jax.training.param_rules import FROZEN
-
-            labels = freeze_labels(optim, abstract)
-            frozen = jnp.dtype(cfg.model.frozen_dtype)
-            abstract = jax.tree.map(
-                lambda x, lab: jax.ShapeDtypeStruct(x.shape, frozen) if lab == FROZEN else x,
-                abstract,
-                labels,
-            )
-        _, params = ckpt.restore_params(step, abstract)
-    finally:
-        ckpt.close()
-    return LoadedModel(
-        config=cfg,
-        model_config=model_config,
-        params=params,
-        statistics=dict(items.dataset_statistics or {}),
-        tokenizer_path=str((items.metadata or {}).get("tokenizer", "")),
-        step=int(step),
-    )
-
-
-def merge_for_inference(loaded: LoadedModel, dtype: Any = jnp.bfloat16) -> LoadedModel:
+def merge_for_inference(loaded: runs.Run, dtype: Any = jnp.bfloat16) -> runs.Run:
     """LoRA folded into the base kernels (config without LoRA), every float leaf cast."""
     params = loaded.params
     rules = loaded.model_config.llama.lora_rules
@@ -98,39 +38,30 @@ def merge_for_inference(loaded: LoadedModel, dtype: Any = jnp.bfloat16) -> Loade
     return dataclasses.replace(loaded, config=cfg, model_config=model_config(cfg), params=params)
 
 
-def export_inference(path: str, out_dir: str, step: int | None = None, dtype: Any = jnp.bfloat16):
-    """Writes `load_run(path, step)` merged and cast to `out_dir`; returns the LoadedModel."""
+def export_inference(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    step: int | None = None,
+    dtype: Any = jnp.bfloat16,
+) -> runs.Run:
+    """Writes `runs.load_run(path, step)` merged and cast to `out_dir`; returns it as exported."""
     from pixelvla_jax.weights import orbax_io
 
-    merged = merge_for_inference(load_run(path, step), dtype)
+    merged = merge_for_inference(runs.load_run(path, step), dtype)
     metadata = {
         "config": merged.config.to_dict(),
         "statistics": merged.statistics,
-        "tokenizer": merged.tokenizer_path,
+        "datasets": merged.dataset_names,
+        "tokenizer_asset": runs.TOKENIZER_ASSET,  # the file itself is in assets/
         "step": merged.step,
         "dtype": jnp.dtype(dtype).name,
+        "source": os.fspath(merged.path),
     }
-    orbax_io.save_params(out_dir, merged.params, metadata)
-    return merged
-
-
-def load_inference(out_dir: str) -> LoadedModel:
-    """Loads an `export_inference` directory."""
-    from pixelvla_jax.training.config import model_config
-    from pixelvla_jax.weights import orbax_io
-
-    meta = orbax_io.load_metadata(out_dir)
-    cfg = ml_collections.ConfigDict(meta["config"])
-    mcfg = model_config(cfg)
-    params = orbax_io.load_params(out_dir, abstract_params(mcfg, jnp.dtype(meta["dtype"])))
-    return LoadedModel(
-        config=cfg,
-        model_config=mcfg,
-        params=params,
-        statistics=meta["statistics"],
-        tokenizer_path=meta["tokenizer"],
-        step=int(meta["step"]),
+    written = orbax_io.save_params(
+        out_dir, merged.params, metadata, assets={runs.TOKENIZER_ASSET: merged.tokenizer_path}
     )
+    tokenizer = orbax_io.load_assets(written)[runs.TOKENIZER_ASSET]
+    return dataclasses.replace(merged, path=written, kind=runs.EXPORT, tokenizer_path=tokenizer)
 
 
 def main(argv):

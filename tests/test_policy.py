@@ -1,6 +1,5 @@
 """Policy round trip from a checkpoint, training-identical preprocessing, evaluate CLI outputs."""
 
-import importlib.util
 import json
 import os
 
@@ -15,14 +14,11 @@ from pixelvla_jax.envs.rollout import episode_seeds
 from pixelvla_jax.models.observation import PROMPT_BOX_TOP_LEFT, PROMPT_PAD, PROMPT_POSITIVE
 from pixelvla_jax.models.pixelvla import PixelVLA
 from pixelvla_jax.policy import Policy
+from pixelvla_jax.training import config as config_lib
 
 
 def _config(data_dir):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "pixelref.py")
-    spec = importlib.util.spec_from_file_location("cfg_pixelref_policy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_lib.load_config("pixelref:tiny")
     cfg.data.data_dir = str(data_dir)
     cfg.data.num_threads = 1
     cfg.data.shuffle = False
@@ -115,7 +111,9 @@ def test_preprocessing_is_the_training_pipeline(run, policy):
         os.path.join(cfg.data.data_dir, "pixelref"), action_chunk=4, name="pixelref"
     )
     dcfg = policy.data_cfg
-    transform = pipeline_lib.SampleTransform(dcfg, [policy.statistics], policy._transform.tokenizer)
+    transform = pipeline_lib.SampleTransform(
+        dcfg, [policy.statistics], policy.example_builder.tokenizer
+    )
     sample = source[2]
     example = transform.random_map((0, sample), np.random.default_rng(0))
     frame = image_lib.decode_image(sample["image"])

@@ -6,9 +6,13 @@ Layout of one checkpoint (`<workdir>/checkpoints/<step>/`), one Orbax item per e
     data_state/          the data iterator's `get_state()`               JsonSave
     config/              the run's config as JSON                         JsonSave
     dataset_statistics/  action/proprio normalisation statistics          JsonSave
-    metadata/            tokenizer reference, model name, versions, ...   JsonSave
+    metadata/            tokenizer name, dataset names, model preset, ...  JsonSave
+    assets/              files copied in, e.g. tokenizer.model            AssetsSave
 
-A checkpoint is enough to act: `evaluate` needs nothing but this directory.
+A checkpoint is enough to act, anywhere (docs/design.md §2.2): `evaluate` needs nothing but this
+directory, which may be moved or copied to another machine or bucket. The tokenizer file
+itself is an asset of every checkpoint (`pixelvla_jax.runs` loads a run; checkpoints written
+before assets existed still load from the absolute tokenizer path in their metadata).
 
 Saving is asynchronous (the train loop continues while arrays are written) and atomic:
 Orbax writes into a temporary directory and renames it when done. On restore, a step
@@ -35,6 +39,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pixelvla_jax.weights.orbax_io import AssetsRestore, AssetsSave
+
 logger = logging.getLogger(__name__)
 
 STATE = "state"
@@ -42,7 +48,9 @@ DATA_STATE = "data_state"
 CONFIG = "config"
 DATASET_STATISTICS = "dataset_statistics"
 METADATA = "metadata"
-ITEMS = (STATE, DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)
+ASSETS = "assets"
+ITEMS = (STATE, DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)  # required in every step
+OPTIONAL_ITEMS = (ASSETS,)  # absent in checkpoints written before it existed
 JSON_ITEMS = (DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)
 
 _COMMIT_MARKER = "commit_success.txt"
@@ -60,6 +68,7 @@ class RestoredCheckpoint:
     config: dict[str, Any]
     dataset_statistics: dict[str, Any]
     metadata: dict[str, Any]
+    assets: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> path inside
 
 
 def to_jsonable(value: Any) -> Any:
@@ -101,15 +110,16 @@ def with_shardings(abstract_state: Any, shardings: Any) -> Any:
 
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
-    """A run's workdir or its `checkpoints/` dir -> the `checkpoints/` dir."""
+    """A run's workdir or its `checkpoints/` dir -> the `checkpoints/` dir (local or URL)."""
     path = os.fspath(path)
     nested = os.path.join(path, "checkpoints")
-    if os.path.isdir(nested):
+    if epath.Path(nested).is_dir():
         return nested
-    if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
+    if epath.Path(path).is_dir() and any(p.name.isdigit() for p in epath.Path(path).iterdir()):
         return path
+    shown = path if "://" in path else os.path.abspath(path)
     raise FileNotFoundError(
-        f"No checkpoints found at {os.path.abspath(path)}: expected a training workdir holding "
+        f"No checkpoints found at {shown}: expected a training workdir holding "
         "checkpoints/<step>/ (python -m pixelvla_jax.train --workdir=DIR) or that checkpoints/ "
         "directory itself."
     )
@@ -143,7 +153,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=ITEMS + OPTIONAL_ITEMS
+        )
 
     # ------------------------------------------------------------------ saving
     def save(
@@ -155,6 +167,7 @@ class Checkpointer:
         config: Any = None,
         dataset_statistics: Any = None,
         metadata: Any = None,
+        assets: Mapping[str, str | os.PathLike] | None = None,
         force: bool = True,
     ) -> bool:
         """Starts saving checkpoint `step` (returns before the arrays are on disk when async).
@@ -165,7 +178,10 @@ class Checkpointer:
           data_state: the data iterator's `get_state()` (JSON-able dict or bytes).
           config: the run's config (ConfigDict or dict).
           dataset_statistics: normalisation statistics (dicts of lists / numpy arrays).
-          metadata: anything needed to act, e.g. `{"tokenizer": "path/or/name", ...}`.
+          metadata: anything needed to act, e.g. `{"datasets": [...], ...}` (JSON).
+          assets: files copied into `<step>/assets/` as part of the same atomic save:
+            file name -> source path, e.g. `{"tokenizer.model": tokenizer_path}`. They are
+            read when the save starts.
           force: save even if the manager's interval policy would skip this step.
         """
         if step in self._manager.all_steps():
@@ -173,16 +189,16 @@ class Checkpointer:
                 f"A checkpoint for step {step} already exists in {self.directory}; "
                 "restore from it or delete it before saving that step again."
             )
-        args = ocp.args.Composite(
-            **{
-                STATE: ocp.args.StandardSave(state),
-                DATA_STATE: ocp.args.JsonSave(to_jsonable({"value": data_state})),
-                CONFIG: ocp.args.JsonSave(to_jsonable(config or {})),
-                DATASET_STATISTICS: ocp.args.JsonSave(to_jsonable(dataset_statistics or {})),
-                METADATA: ocp.args.JsonSave(to_jsonable(metadata or {})),
-            }
-        )
-        return self._manager.save(step, args=args, force=force)
+        items = {
+            STATE: ocp.args.StandardSave(state),
+            DATA_STATE: ocp.args.JsonSave(to_jsonable({"value": data_state})),
+            CONFIG: ocp.args.JsonSave(to_jsonable(config or {})),
+            DATASET_STATISTICS: ocp.args.JsonSave(to_jsonable(dataset_statistics or {})),
+            METADATA: ocp.args.JsonSave(to_jsonable(metadata or {})),
+        }
+        if assets:
+            items[ASSETS] = AssetsSave({name: os.fspath(src) for name, src in assets.items()})
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait_until_finished(self) -> None:
         """Blocks until every started save is on disk (and old checkpoints are deleted)."""
@@ -233,6 +249,10 @@ class Checkpointer:
                 return step
         return None
 
+    def complete_steps(self) -> list[int]:
+        """Steps whose directories are complete checkpoints, ascending."""
+        return [s for s in self.all_steps() if self._incomplete_reason(s) is None]
+
     # -------------------------------------------------------------- restoring
     def restore(self, step: int, abstract_state: Any = None, shardings: Any = None):
         """Restores checkpoint `step`.
@@ -251,6 +271,8 @@ class Checkpointer:
         if reason is not None:
             raise FileNotFoundError(f"Checkpoint step {step} is incomplete: {reason}.")
         items: dict[str, Any] = {name: ocp.args.JsonRestore() for name in JSON_ITEMS}
+        if (self.directory / str(step) / ASSETS).exists():
+            items[ASSETS] = AssetsRestore()
         if abstract_state is not None:
             target = abstract_state
             if shardings is not None:
@@ -264,6 +286,7 @@ class Checkpointer:
             config=restored[CONFIG],
             dataset_statistics=restored[DATASET_STATISTICS],
             metadata=restored[METADATA],
+            assets=dict(restored[ASSETS]) if ASSETS in items else {},
         )
 
     def restore_params(
