@@ -8,7 +8,7 @@ MLP 2048, the full 32064-token vocabulary), full-size pixel and prompt encoders 
 768, L1 chunk head (N_c = 8). Two stages: 'finetune' (everything trained) and 'pue' (LoRA
 rank 32 on the LLM + pixel/prompt encoders + head trained, the rest frozen).
 
-The step is `experiment`'s train step (the same wiring as a training run) on one CPU
+The step is `builder.build_step`'s train step (the one a training run uses) on one CPU
 device, on a fixed random batch (no data pipeline). Compilation is excluded: the step is
 compiled ahead of time, run once to warm up, then timed per step (median of `--steps`).
 MFU = XLA's FLOP count of the compiled step (`cost_analysis`; layers are unrolled so every
@@ -52,8 +52,8 @@ from pixelvla_jax.models.pixelvla import PixelVLAConfig  # noqa: E402
 from pixelvla_jax.models.prompt_encoder import PromptEncoderConfig  # noqa: E402
 from pixelvla_jax.models.vision import VisionConfig  # noqa: E402
 from pixelvla_jax.models.vit import ViTConfig  # noqa: E402
+from pixelvla_jax.training import builder, memory_plan, metrics  # noqa: E402
 from pixelvla_jax.training import config as config_lib  # noqa: E402
-from pixelvla_jax.training import experiment, memory_plan, metrics  # noqa: E402
 from pixelvla_jax.training import sharding as sharding_lib  # noqa: E402
 
 LLM_WIDTH = 768
@@ -116,7 +116,7 @@ def random_batch(step: memory_plan.AbstractStep, seed: int = 0) -> dict[str, jax
         seed=seed,
     )
     rng = np.random.default_rng(seed)
-    host = {k: np.asarray(getattr(obs, k)) for k in experiment.OBS_KEYS}
+    host = {k: np.asarray(getattr(obs, k)) for k in builder.OBS_KEYS}
     host["actions"] = rng.uniform(-1, 1, (b, n_c, a)).astype(np.float32)
     host["action_pad_mask"] = np.ones((b, n_c), bool)
     host["proprio"] = np.zeros(spec["proprio"].shape, np.float32)

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from pixelvla_jax.training import builder, memory_plan
 from pixelvla_jax.training import config as config_lib
-from pixelvla_jax.training import experiment, memory_plan
 from pixelvla_jax.training.param_rules import TRAINED
 
 
@@ -27,7 +27,7 @@ def tiny_config(stage: str, **model):
 
 def _used_batch_keys(step):
     """Batch entries the loss reads (jit drops the others from the compiled program)."""
-    keys = set(experiment.OBS_KEYS) | {"actions", "action_pad_mask"}
+    keys = set(builder.OBS_KEYS) | {"actions", "action_pad_mask"}
     if not step.model_cfg.use_pixel_encoder:
         keys -= {"pixel_mask", "has_pixel_mask"}
     if not step.model_cfg.use_prompt_encoder:

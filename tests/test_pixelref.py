@@ -1,7 +1,6 @@
 """PixelRef task: expert, determinism, exact masks, ambiguity by construction, dataset, training."""
 
 import collections
-import importlib.util
 import os
 
 import numpy as np
@@ -196,11 +195,9 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
 
 
 def _pixelref_config(variant="tiny"):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "pixelref.py")
-    spec = importlib.util.spec_from_file_location("cfg_pixelref", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    from pixelvla_jax.training import config as config_lib
+
+    return config_lib.load_config(f"pixelref:{variant}")
 
 
 def test_config_variants():

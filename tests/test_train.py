@@ -13,13 +13,7 @@ from pixelvla_jax.training.param_rules import FROZEN, path_str
 
 
 def _tiny_config(data_dir, config_file="libero", **train):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{config_file}.py")
-    spec = importlib.util.spec_from_file_location(f"cfg_{config_file}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = config_lib.load_config(f"{config_file}:tiny")
     cfg.data.data_dir = str(data_dir)
     cfg.data.batch_size = 8
     cfg.data.num_threads = 1
@@ -157,12 +151,12 @@ def test_stage1_then_stage2_changes_only_trained_params(data_dir, tmp_path):
     )
 
     # Inference export: LoRA merged into the kernels gives the same actions.
-    from pixelvla_jax import export
+    from pixelvla_jax import export, runs
     from pixelvla_jax.models.observation import Observation
     from pixelvla_jax.models.pixelvla import PixelVLA
 
     obs = Observation.fake(2, image_size=56, max_tokens=48, vocab_size=512)
-    run = export.load_run(str(tmp_path / "stage2"))
+    run = runs.load_run(str(tmp_path / "stage2"))
     assert run.step == 3 and "synthetic_libero" in run.statistics
     expected = PixelVLA(run.model_config).apply(
         {"params": run.params}, obs, method=PixelVLA.predict_actions
@@ -170,7 +164,7 @@ def test_stage1_then_stage2_changes_only_trained_params(data_dir, tmp_path):
     for dtype, atol in (("float32", 1e-5), ("bfloat16", 0.1)):
         out = tmp_path / f"export_{dtype}"
         export.export_inference(str(tmp_path / "stage2"), str(out), dtype=dtype)
-        loaded = export.load_inference(str(out))
+        loaded = runs.load_run(str(out))
         assert not loaded.model_config.llama.lora_rules
         assert not any("lora_" in k for k in _flat(loaded.params))
         got = PixelVLA(loaded.model_config).apply(

@@ -4,9 +4,9 @@
     plan = plan_memory(step)                       # lower + compile, XLA's memory analysis
     print(format_plan(plan))
 
-The train state comes from `jax.eval_shape` and the logical sharding rules
-(`train_state.abstract_train_state`), the batch from `data.config.batch_spec`; the jitted train
-step of `train_state.make_train_step` is lowered on these abstract values and compiled, and
+The train state, batch and jitted train step come from `builder.build_step`, the builder
+`experiment.setup` trains with (`jax.eval_shape`, the logical sharding rules, the batch from
+`data.config.batch_spec`); the train step is lowered on these abstract values and compiled, and
 `compiled.memory_analysis()` gives the bytes of *one device's* program (the SPMD-partitioned
 module). Alongside it, the state's own per-device bytes are counted from the shardings, so the
 compiler's "arguments" can be checked against what the state should hold.
@@ -27,136 +27,19 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from pixelvla_jax.data import config as data_config_lib
-from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
-from pixelvla_jax.training import config as config_lib
-from pixelvla_jax.training import experiment as experiment_lib
-from pixelvla_jax.training import mesh as mesh_lib
-from pixelvla_jax.training import optimizer as optimizer_lib
+from pixelvla_jax.training import builder as builder_lib
 from pixelvla_jax.training import sharding as sharding_lib
 from pixelvla_jax.training.param_rules import TRAINED
-from pixelvla_jax.training.train_state import TrainState, abstract_train_state, make_train_step
 
 GIB = 1024**3
 
-
-@dataclasses.dataclass
-class AbstractStep:
-    """A train step and its inputs as shapes and shardings (nothing allocated).
-
-    Attributes:
-      cfg: the training config.
-      model_cfg: the model it describes.
-      model: the Flax module.
-      mesh, rules: device mesh and logical axis rules.
-      labels: freeze labels per parameter ("trained" / "frozen").
-      state: the TrainState as ShapeDtypeStructs carrying their shardings.
-      shardings: the TrainState of NamedShardings.
-      batch: the global batch as ShapeDtypeStructs ([B, ...] leaves, batch-sharded).
-      train_step: the jitted `(state, batch) -> (state, metrics)`.
-      init_fn: `rng -> TrainState` (jit it with `out_shardings=shardings` to materialise).
-      tokens_per_example: LLM sequence length of one example (prefix + suffix).
-    """
-
-    cfg: ml_collections.ConfigDict
-    model_cfg: PixelVLAConfig
-    model: PixelVLA
-    mesh: jax.sharding.Mesh
-    rules: Any
-    labels: Any
-    state: TrainState
-    shardings: TrainState
-    batch: dict[str, jax.ShapeDtypeStruct]
-    train_step: Any
-    init_fn: Any
-    tokens_per_example: int
-
-
-def abstract_batch(
-    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of `cfg` (`config.data.batch_size` rows) as sharded ShapeDtypeStructs."""
-    data = cfg.data.to_dict()
-    data["tokenizer_path"] = ""
-    spec = data_config_lib.batch_spec(data_config_lib.DataConfig.from_mapping(data))
-    sharding = sharding_lib.batch_sharding(mesh, rules)
-    shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(sharding.spec[0]))
-    if cfg.data.batch_size % shards:
-        raise ValueError(
-            f"config.data.batch_size={cfg.data.batch_size} is not a multiple of the {shards} "
-            f"batch shards of mesh {dict(mesh.shape)}; change the batch size or the mesh."
-        )
-    return {
-        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-        for key, (shape, dtype) in spec.items()
-    }
-
-
-def abstract_step(
-    cfg: ml_collections.ConfigDict,
-    *,
-    model_cfg: PixelVLAConfig | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    donate: bool = True,
-) -> AbstractStep:
-    """Builds the train step of `cfg` abstractly: the same wiring as `experiment.setup`,
-    without data, checkpoints or any parameter values.
-
-    Args:
-      cfg: a training config (`experiment.base_config()` layout); validated first.
-      model_cfg: overrides `experiment.model_config(cfg)` (e.g. a custom-size model).
-      mesh: default `mesh.make_mesh(config.mesh)` over all devices.
-      donate: donate the state to the step (as training does).
-    """
-    config_lib.validate_config(cfg)
-    model_cfg = model_cfg or config_lib.model_config(cfg)
-    mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
-    rules = sharding_lib.normalize_rules(cfg.sharding_rules)
-    model = PixelVLA(model_cfg, dtype=config_lib.compute_dtype(cfg))
-    spec = model_cfg.spec(1)
-
-    def init_params(rng):
-        return model.init(rng, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec))["params"]
-
-    rng = jax.random.PRNGKey(cfg.seed)
-    optim = config_lib.optim_config(cfg)
-    params = jax.eval_shape(init_params, rng)
-    labels = optimizer_lib.freeze_labels(optim, params)
-    tx = optimizer_lib.make_optimizer(optim, params)
-    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None
-    init_fn, state, shardings = abstract_train_state(
-        init_params, tx, mesh, rules, rng, labels=labels, frozen_dtype=frozen_dtype
-    )
-    batch = abstract_batch(cfg, mesh, rules)
-    train_step = make_train_step(
-        experiment_lib.make_loss_fn(model),
-        tx,
-        shardings,
-        labels=labels,
-        learning_rate_fn=optimizer_lib.learning_rate_fn(optim),
-        grad_accum_steps=int(cfg.optim.grad_accum_steps),
-        batch_sharding=sharding_lib.batch_sharding(mesh, rules),
-        donate=donate,
-    )
-    tokens = experiment_lib.sequence_length(cfg, model_cfg)
-    return AbstractStep(
-        cfg=cfg,
-        model_cfg=model_cfg,
-        model=model,
-        mesh=mesh,
-        rules=rules,
-        labels=labels,
-        state=state,
-        shardings=shardings,
-        batch=batch,
-        train_step=train_step,
-        init_fn=init_fn,
-        tokens_per_example=tokens,
-    )
+# `abstract_step(cfg, *, model_cfg=None, mesh=None, donate=True)` is the builder that
+# `experiment.setup` trains with: what is planned is what trains.
+abstract_step = builder_lib.build_step
+AbstractStep = builder_lib.AbstractStep
+abstract_batch = builder_lib.abstract_batch
 
 
 def lower(step: AbstractStep) -> jax.stages.Lowered:

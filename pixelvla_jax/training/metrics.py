@@ -1,7 +1,11 @@
-"""Training metrics: TensorBoard event files, a console progress bar, MFU and parameter counts.
+"""Training metrics: TensorBoard event files, a console progress bar, throughput, MFU and
+parameter counts.
 
     writer = MetricsWriter(workdir, total_steps=cfg.total_steps, initial_step=start)
-    writer.write_scalars(step, {"loss": ..., "learning_rate": ...})
+    timer = ThroughputTimer()
+    ...  # each step: timer.step(); validation and checkpoints inside `with timer.paused():`
+    window = timer.lap()  # steps run and seconds spent training since the previous lap
+    writer.write_scalars(step, {"loss": ..., "steps_per_s": window.steps_per_s})
     writer.close()
 
 Only process 0 writes (every host calls the same code).
@@ -9,15 +13,19 @@ Only process 0 writes (every host calls the same code).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pixelvla_jax.training.param_rules import TRAINED, path_str
 
 
 def count_params(params: Any) -> int:
@@ -50,6 +58,70 @@ def train_flops_per_step(num_trained_params: int, num_frozen_params: int, tokens
     return float(tokens) * (6.0 * num_trained_params + 4.0 * num_frozen_params)
 
 
+def model_flops_per_step(
+    params: Any, labels: Any, model_cfg: Any, tokens_per_example: int, batch_size: int
+) -> float:
+    """Model FLOPs of one train step of PixelVLA, counted per component.
+
+    Matmul weights cost 2 FLOPs per token forward; backward costs 2 more per token for the
+    activation gradients wherever a trained parameter lies at or before that component,
+    plus 2 for the weight gradients of trained weights. The LLM body sees every token, the
+    vision towers and projector see the image patches, embeddings and the (unused) lm_head
+    cost nothing; the small encoders and the head see their own few tokens.
+
+    Args:
+      params: the parameter tree (arrays or ShapeDtypeStructs).
+      labels: its freeze labels ("trained" / "frozen").
+      model_cfg: the PixelVLAConfig (`vision.num_patches`, `num_action_slots`).
+      tokens_per_example: LLM tokens of one example (`builder.sequence_length`).
+      batch_size: global batch size.
+    """
+    sizes = {
+        path_str(p): (int(np.prod(x.shape)), lab)
+        for (p, x), lab in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0],
+            jax.tree.leaves(labels),
+            strict=True,
+        )
+    }
+
+    def group(prefix: str) -> tuple[int, int]:
+        items = [v for k, v in sizes.items() if k.startswith(prefix)]
+        return sum(n for n, _ in items), sum(n for n, lab in items if lab == TRAINED)
+
+    llm_all, llm_trained = group("llm/layers")
+    vis_all, vis_trained = group("vision/")
+    proj_all, proj_trained = group("projector/")
+    rest_all = sum(
+        n for k, (n, _) in sizes.items() if not k.startswith(("llm/", "vision/", "projector/"))
+    )
+    rest_trained = sum(
+        n
+        for k, (n, lab) in sizes.items()
+        if lab == TRAINED and not k.startswith(("llm/", "vision/", "projector/"))
+    )
+    encoders_trained = any(
+        lab == TRAINED and k.startswith(("pixel_encoder/", "prompt_encoder/"))
+        for k, (_, lab) in sizes.items()
+    )
+    # (weights, tokens, trained weights, whether activation gradients flow through it)
+    parts = [
+        (vis_all, model_cfg.vision.num_patches, vis_trained, vis_trained > 0),
+        (proj_all, model_cfg.vision.num_patches, proj_trained, vis_trained + proj_trained > 0),
+        (
+            llm_all,
+            tokens_per_example,
+            llm_trained,
+            vis_trained + proj_trained + llm_trained > 0 or encoders_trained,
+        ),
+        (rest_all, model_cfg.num_action_slots, rest_trained, True),
+    ]
+    per_example = sum(
+        2.0 * n * t + (2.0 * n * t if grads else 0.0) + 2.0 * nt * t for n, t, nt, grads in parts
+    )
+    return per_example * batch_size
+
+
 def measure_matmul_peak_flops(
     size: int = 2048, dtype: Any = jnp.float32, repeats: int = 5, device: Any = None
 ) -> float:
@@ -73,6 +145,60 @@ def measure_matmul_peak_flops(
         matmul(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Steps run and seconds spent training (pauses excluded) between two `lap`s."""
+
+    steps: int
+    seconds: float
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.seconds / self.steps if self.steps > 0 and self.seconds > 0 else None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        return self.steps / self.seconds if self.steps > 0 and self.seconds > 0 else None
+
+
+class ThroughputTimer:
+    """Training throughput over the steps actually run, without validation or checkpoints.
+
+    A window runs from one `lap` (or the timer's creation) to the next and counts the
+    `step` calls in it, so a short window (the last one, or the first after resuming off a
+    multiple of `log_every`) is measured as what it is. Time spent inside `paused()` is
+    not training time and is left out.
+
+    Args:
+      clock: seconds as a float (default `time.perf_counter`; tests inject a fake clock).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._start = clock()
+        self._steps = 0
+        self._paused = 0.0
+
+    def step(self, count: int = 1) -> None:
+        self._steps += count
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside this block is excluded from the current window."""
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - start
+
+    def lap(self) -> Window:
+        """Closes the current window, returns it, and starts the next one."""
+        now = self._clock()
+        window = Window(steps=self._steps, seconds=now - self._start - self._paused)
+        self._start, self._steps, self._paused = now, 0, 0.0
+        return window
 
 
 def _to_float(value: Any) -> float:
@@ -118,7 +244,8 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> dict[str, float]:
-        """Logs `scalars` at `step`; adds `steps_per_sec` since the previous call.
+        """Logs `scalars` at `step`; adds `steps_per_sec` since the previous call (wall
+        clock, everything included; the bar shows the caller's `steps_per_s` if given).
 
         Returns the floats written (also on non-primary hosts, for tests / callers).
         """
@@ -136,8 +263,9 @@ class MetricsWriter:
                 for short, key in (("loss", "loss"), ("lr", "learning_rate")):
                     if key in values:
                         postfix[short] = f"{values[key]:.4g}"
-                if "steps_per_sec" in values:
-                    postfix["steps/s"] = f"{values['steps_per_sec']:.2f}"
+                rate = values.get("steps_per_s", values.get("steps_per_sec"))
+                if rate is not None:
+                    postfix["steps/s"] = f"{rate:.2f}"
                 self._bar.set_postfix(postfix, refresh=False)
         self._last_step, self._last_time = step, now
         return values

@@ -1,0 +1,203 @@
+"""The one builder of a run's model, optimizer, abstract train state and jitted train step.
+
+    step = build_step(cfg)                                   # nothing materialised
+    state = jax.jit(step.init_fn, out_shardings=step.shardings)(step.rng)
+    state, metrics = step.train_step(state, batch)
+
+`experiment.setup` (training) and `memory_plan.abstract_step` (memory plans, benchmarks)
+both call `build_step`, so what is planned is what trains: the same freeze labels, frozen
+dtype, shardings, and a train step jitted with the batch sharding as its input sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pixelvla_jax.data import config as data_config_lib
+from pixelvla_jax.models.observation import Observation
+from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig, init_params_fn
+from pixelvla_jax.training import config as config_lib
+from pixelvla_jax.training import mesh as mesh_lib
+from pixelvla_jax.training import optimizer as optimizer_lib
+from pixelvla_jax.training import sharding as sharding_lib
+from pixelvla_jax.training.train_state import TrainState, abstract_train_state, make_train_step
+
+OBS_KEYS = tuple(f.name for f in dataclasses.fields(Observation))
+
+
+def sequence_length(cfg: ml_collections.ConfigDict, model_cfg: PixelVLAConfig) -> int:
+    """LLM tokens per example: prefix (BOS, vision, pixel/prompt tokens, text) + suffix
+    (the L1 head's action slots, or the discrete head's decoded tokens + EOS)."""
+    if cfg.model.head == "l1":
+        suffix = model_cfg.num_action_slots
+    else:
+        suffix = model_cfg.num_decoded_tokens + 1
+    return model_cfg.prefix_length(cfg.data.max_tokens) + suffix
+
+
+def batch_to_observation(batch: Mapping[str, Any]) -> Observation:
+    return Observation(**{k: batch[k] for k in OBS_KEYS})
+
+
+def make_loss_fn(model: PixelVLA):
+    """`(params, batch, rng) -> (loss, metrics)`; per-dimension metrics ([D]) are split
+    into scalars `name/i`."""
+
+    def loss_fn(params, batch, rng):
+        del rng  # the model has no stochastic layers
+        loss, metrics = model.apply(
+            {"params": params},
+            batch_to_observation(batch),
+            batch["actions"],
+            batch["action_pad_mask"],
+            batch.get("grounding_mask"),
+            batch.get("has_grounding_mask"),
+            batch.get("target_point"),
+            batch.get("has_target_point"),
+            method=PixelVLA.loss,
+        )
+        out = {}
+        for key, value in metrics.items():
+            if getattr(value, "ndim", 0) == 1:
+                for i in range(value.shape[0]):
+                    out[f"{key}/{i}"] = value[i]
+            else:
+                out[key] = value
+        return loss, out
+
+    return loss_fn
+
+
+def abstract_batch(
+    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules: Any
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of `cfg` (`config.data.batch_size` rows) as sharded ShapeDtypeStructs.
+
+    Raises ConfigError when the batch size does not split over the batch mesh axes.
+    """
+    # The global batch: `data_config` resolves the inherited knobs but splits over hosts.
+    data = dataclasses.replace(config_lib.data_config(cfg, ""), batch_size=cfg.data.batch_size)
+    spec = data_config_lib.batch_spec(data)
+    sharding = sharding_lib.batch_sharding(mesh, rules)
+    shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(sharding.spec[0]))
+    if cfg.data.batch_size % shards:
+        raise config_lib.ConfigError(
+            f"config.data.batch_size={cfg.data.batch_size} is not a multiple of the {shards} "
+            f"batch shards of mesh {dict(mesh.shape)}; change the batch size or config.mesh."
+        )
+    return {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for key, (shape, dtype) in spec.items()
+    }
+
+
+@dataclasses.dataclass
+class AbstractStep:
+    """A train step and its inputs as shapes and shardings (nothing allocated).
+
+    Attributes:
+      cfg: the training config.
+      model_cfg: the model it describes.
+      model: the Flax module.
+      mesh, rules: device mesh and logical axis rules.
+      rng: the raw PRNG key (`config.seed`) that `init_fn` initialises from.
+      optim: the optimizer section with the stage's freeze rules (`config.optim_config`).
+      tx: the optax optimizer.
+      labels: freeze labels per parameter ("trained" / "frozen").
+      state: the TrainState as ShapeDtypeStructs carrying their shardings.
+      shardings: the TrainState of NamedShardings.
+      batch: the global batch as ShapeDtypeStructs ([B, ...] leaves, batch-sharded).
+      loss_fn: `(params, batch, rng) -> (loss, metrics)`.
+      train_step: the jitted `(state, batch) -> (state, metrics)`.
+      eval_step: the jitted `(params, batch) -> metrics` (no update).
+      init_fn: `rng -> TrainState` (jit it with `out_shardings=shardings` to materialise).
+      tokens_per_example: LLM sequence length of one example (prefix + suffix).
+    """
+
+    cfg: ml_collections.ConfigDict
+    model_cfg: PixelVLAConfig
+    model: PixelVLA
+    mesh: jax.sharding.Mesh
+    rules: Any
+    rng: jax.Array
+    optim: ml_collections.ConfigDict
+    tx: Any
+    labels: Any
+    state: TrainState
+    shardings: TrainState
+    batch: dict[str, jax.ShapeDtypeStruct]
+    loss_fn: Any
+    train_step: Any
+    eval_step: Any
+    init_fn: Any
+    tokens_per_example: int
+
+
+def build_step(
+    cfg: ml_collections.ConfigDict,
+    *,
+    model_cfg: PixelVLAConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    donate: bool = True,
+) -> AbstractStep:
+    """Builds the model, optimizer, abstract sharded train state and train step of `cfg`.
+
+    Args:
+      cfg: a training config (`config.base_config()` layout); validated first.
+      model_cfg: overrides `config.model_config(cfg)` (e.g. a custom-size model).
+      mesh: default `mesh.make_mesh(config.mesh)` over all devices.
+      donate: donate the state to the step (as training does).
+    """
+    config_lib.validate_config(cfg)
+    model_cfg = model_cfg or config_lib.model_config(cfg)
+    mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
+    rules = sharding_lib.normalize_rules(cfg.sharding_rules)
+    batch = abstract_batch(cfg, mesh, rules)
+    model = PixelVLA(model_cfg, dtype=config_lib.compute_dtype(cfg))
+    init_params = init_params_fn(model)
+    rng = jax.random.PRNGKey(cfg.seed)
+    optim = config_lib.optim_config(cfg)
+    params = jax.eval_shape(init_params, rng)
+    labels = optimizer_lib.freeze_labels(optim, params)
+    tx = optimizer_lib.make_optimizer(optim, params)
+    frozen_dtype = jnp.dtype(cfg.model.frozen_dtype) if cfg.model.frozen_dtype else None
+    init_fn, state, shardings = abstract_train_state(
+        init_params, tx, mesh, rules, rng, labels=labels, frozen_dtype=frozen_dtype
+    )
+    loss_fn = make_loss_fn(model)
+    train_step = make_train_step(
+        loss_fn,
+        tx,
+        shardings,
+        labels=labels,
+        learning_rate_fn=optimizer_lib.learning_rate_fn(optim),
+        grad_accum_steps=int(optim.grad_accum_steps),
+        batch_sharding=sharding_lib.batch_sharding(mesh, rules),
+        donate=donate,
+    )
+    return AbstractStep(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        model=model,
+        mesh=mesh,
+        rules=rules,
+        rng=rng,
+        optim=optim,
+        tx=tx,
+        labels=labels,
+        state=state,
+        shardings=shardings,
+        batch=batch,
+        loss_fn=loss_fn,
+        train_step=train_step,
+        eval_step=jax.jit(lambda params, batch: loss_fn(params, batch, None)[1]),
+        init_fn=init_fn,
+        tokens_per_example=sequence_length(cfg, model_cfg),
+    )
