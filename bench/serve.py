@@ -1,0 +1,228 @@
+"""The policy server against a direct `Policy.act`, and batched against one-at-a-time serving.
+
+    python bench/serve.py [--checkpoint=DIR] [--requests=200] [--clients=1,4,16]
+                          [--max_batch=16] [--batch_window_ms=5] [--seconds=5]
+
+With no `--checkpoint`, a freshly initialised tiny PixelRef run (`pixelref:tiny`, the test
+suite's model; the same compute as a trained one) is written to `--workdir` and served.
+In one process, on 127.0.0.1:
+  1. latency of one client: `--requests` sequential requests through the server (batched
+     mode), p50 / p99, against `--requests` direct `Policy.act` calls on the same
+     observation (batch of 1); the difference of the p50s is the server's overhead per
+     request (wire format, websocket, queue, preprocessing hand-off);
+  2. requests/s with each of `--clients` concurrent clients (threads, each its own
+     connection and observation, running `--seconds` each), served batched (`--max_batch`)
+     and one at a time (`max_batch=1`: openpi's server runs one `infer` per request).
+The throughput clients run in one separate process (robots are other machines): they share
+this machine's cores with the server, not its interpreter lock. Prints a table and ends with one `BENCH {...}` JSON
+line; targets: batched >= 3x one-at-a-time requests/s at 16 clients, p50 overhead <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+
+def _tiny_checkpoint(workdir: str, variant: str = "default") -> str:
+    from pixelvla_jax import runs
+    from pixelvla_jax.training import config as config_lib
+    from pixelvla_jax.training import experiment
+
+    run_dir = os.path.join(workdir, f"run_{variant}")
+    try:
+        runs.load_run(run_dir, load_params=False)
+        return run_dir
+    except Exception:  # noqa: BLE001 - not there yet: write it
+        pass
+    cfg = config_lib.load_config(f"pixelref:{variant}")
+    cfg.data.data_dir = os.path.join(workdir, "data")
+    cfg.data.num_threads = 1
+    cfg.data_generator.num_episodes = 3
+    cfg.train.progress = False
+    cfg.train.async_checkpoint = False
+    exp = experiment.setup(cfg, run_dir)
+    experiment.save_checkpoint(exp, 0)
+    exp.checkpointer.wait_until_finished()
+    exp.checkpointer.close()
+    return run_dir
+
+
+def _percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def _client_process(url: str, scenes: list, clients: int, seconds: float, out) -> None:
+    """Runs in its own process: `clients` threads, each its own connection, sending for
+    `seconds`; puts (requests, summed batch sizes, elapsed seconds) on `out`."""
+    from pixelvla_jax.serving.client import WebsocketClientPolicy, observation
+
+    conns = [WebsocketClientPolicy(url, connect_timeout_s=30) for _ in range(clients)]
+    obs = [observation(*scenes[k % len(scenes)]) for k in range(clients)]
+    for c, o in zip(conns, obs, strict=True):
+        c.infer(o)  # connected and answered once before the clock starts
+    stop_at = time.perf_counter() + seconds
+
+    def run(k: int) -> tuple[int, float]:
+        n, batch = 0, 0.0
+        while time.perf_counter() < stop_at:
+            batch += conns[k].infer(obs[k])["policy_timing"]["batch_size"]
+            n += 1
+        return n, batch
+
+    t = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        counts = list(pool.map(run, range(clients)))
+    elapsed = time.perf_counter() - t
+    for c in conns:
+        c.close()
+    out.put((sum(n for n, _ in counts), sum(b for _, b in counts), elapsed))
+
+
+def _throughput(url: str, scenes: list, clients: int, seconds: float) -> tuple[float, float]:
+    """`clients` concurrent clients for `seconds` -> (requests/s, mean batch size the server
+    reported). The clients run in a process of their own, as robots are other machines: they
+    share this machine's cores with the server but not its interpreter lock."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_client_process, args=(url, scenes, clients, seconds, out))
+    proc.start()
+    try:
+        total, batch, elapsed = out.get(timeout=seconds + 120)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    return total / elapsed, batch / max(total, 1)
+
+
+def measure(policy, scenes: list, args, clients: list[int]) -> dict:
+    """Latency and throughput of `policy` served (see the module docstring) -> figures."""
+    from pixelvla_jax.serving.client import WebsocketClientPolicy, observation
+    from pixelvla_jax.serving.server import PolicyServer, ServerThread
+
+    image, text, mask = scenes[0]
+    # 1. Direct calls.
+    for _ in range(3):
+        policy.act(image[None], [text], mask[None])
+    direct = []
+    for _ in range(args.requests):
+        t = time.perf_counter()
+        policy.act(image[None], [text], mask[None])
+        direct.append(time.perf_counter() - t)
+    direct_p50, direct_p99 = _percentiles(direct)
+
+    results: dict[str, dict[int, float]] = {}
+    batches: dict[str, dict[int, float]] = {}
+    served_p50 = served_p99 = float("nan")
+    for mode, max_batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
+        server = PolicyServer(
+            policy, port=0, max_batch=max_batch, batch_window_ms=args.batch_window_ms
+        )
+        server.warmup()
+        with ServerThread(server) as thread:
+            if mode == "batched":  # 2. One client's latency through the server.
+                with WebsocketClientPolicy(thread.url, connect_timeout_s=30) as client:
+                    obs = observation(image, text, mask)
+                    for _ in range(3):
+                        client.infer(obs)
+                    served = []
+                    for _ in range(args.requests):
+                        t = time.perf_counter()
+                        client.infer(obs)
+                        served.append(time.perf_counter() - t)
+                served_p50, served_p99 = _percentiles(served)
+            results[mode], batches[mode] = {}, {}
+            for n in clients:  # 3. Throughput.
+                rps, mean_batch = _throughput(thread.url, scenes, n, args.seconds)
+                results[mode][n], batches[mode][n] = rps, mean_batch
+
+    overhead = served_p50 - direct_p50
+    print(f"{'one client, latency':<36}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'  direct Policy.act':<36}{direct_p50:>10.2f}{direct_p99:>10.2f}")
+    print(f"{'  through the server':<36}{served_p50:>10.2f}{served_p99:>10.2f}")
+    print(f"{'  server overhead per request (p50)':<36}{overhead:>10.2f}")
+    print()
+    print(
+        f"{'clients':<10}{'batched req/s':>15}{'(mean batch)':>14}{'one-at-a-time':>15}{'speedup':>9}"
+    )
+    for n in clients:
+        b, o = results["batched"][n], results["one_at_a_time"][n]
+        print(f"{n:<10}{b:>15.1f}{batches['batched'][n]:>14.1f}{o:>15.1f}{b / o:>8.2f}x")
+    top = max(clients)
+    return {
+        "direct_p50_ms": round(direct_p50, 3),
+        "direct_p99_ms": round(direct_p99, 3),
+        "served_p50_ms": round(served_p50, 3),
+        "served_p99_ms": round(served_p99, 3),
+        "p50_overhead_ms": round(overhead, 3),
+        "requests_per_s": {
+            mode: {str(n): round(v, 1) for n, v in r.items()} for mode, r in results.items()
+        },
+        "mean_batch": {str(n): round(v, 2) for n, v in batches["batched"].items()},
+        f"batched_speedup_{top}": round(results["batched"][top] / results["one_at_a_time"][top], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default="", help="Served run (default: tiny ones).")
+    parser.add_argument(
+        "--variants",
+        default="default,tiny",
+        help="configs/pixelref.py variants served when no --checkpoint is given, each a "
+        "freshly initialised run; the first carries the targets (default: the README main "
+        "job's model, discrete token head; tiny: the test suite's L1-head model).",
+    )
+    parser.add_argument("--workdir", default="/tmp/serve_bench", help="Where the tiny runs go.")
+    parser.add_argument("--requests", type=int, default=200, help="Latency samples.")
+    parser.add_argument("--clients", default="1,4,16", help="Concurrent clients to measure.")
+    parser.add_argument("--max_batch", type=int, default=16, help="Batched mode's max batch.")
+    parser.add_argument("--batch_window_ms", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="Per throughput point.")
+    args = parser.parse_args()
+    logging.getLogger().setLevel(logging.WARNING)
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
+
+    from pixelvla_jax.envs.pixelref import PixelRefEnv
+    from pixelvla_jax.policy import Policy
+
+    t0 = time.perf_counter()
+    envs = [PixelRefEnv(1000 + k) for k in range(16)]
+    scenes = [(e.image(), e.instruction, e.target_mask()) for e in envs]
+    if args.checkpoint:
+        served = {"checkpoint": args.checkpoint}
+    else:
+        served = {v: _tiny_checkpoint(args.workdir, v) for v in args.variants.split(",") if v}
+    figures: dict = {}
+    for name, checkpoint in served.items():
+        policy = Policy.from_checkpoint(checkpoint)
+        head = policy.model_cfg.head
+        print(f"\n== {name}: {head} head, chunk {policy.chunk_size} ({checkpoint})")
+        figures[name] = {"head": head, **measure(policy, scenes, args, clients)}
+    load = os.getloadavg()[0]
+    print(f"\nmachine load average (1 min): {load:.1f}; total {time.perf_counter() - t0:.0f} s")
+    figures.update(
+        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms, load_average=round(load, 2)
+    )
+    first = figures[next(iter(served))]
+    targets = {"p50_overhead_ms": [first["p50_overhead_ms"], "<=", 5.0]}
+    if max(clients) == 16:
+        targets = {"batched_speedup_16": [first["batched_speedup_16"], ">=", 3.0], **targets}
+    print("BENCH " + json.dumps({"name": "serve", "figures": figures, "targets": targets}))
+
+
+if __name__ == "__main__":
+    main()
