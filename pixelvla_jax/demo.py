@@ -110,5 +110,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from pixelvla_jax import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,25 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixelvla_jax import runs
+from pixelvla_jax.errors import InvalidInputError, OutputExistsError
 from pixelvla_jax.models import lora as lora_lib
+
+# What an export can hold: the dtypes `runs.load_run` restores and a policy computes in.
+EXPORT_DTYPES = ("float32", "bfloat16")
+
+
+def export_dtype(dtype: Any) -> jnp.dtype:
+    """`dtype` (a name or dtype) as a jnp.dtype, if an export implements it (EXPORT_DTYPES)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in EXPORT_DTYPES:
+        raise InvalidInputError(
+            f"export dtype {dtype!r} is not supported; use one of {', '.join(EXPORT_DTYPES)} "
+            "(--dtype=bfloat16, the default, or --dtype=float32)."
+        )
+    return jnp.dtype(name)
 
 
 def merge_for_inference(loaded: runs.Run, dtype: Any = jnp.bfloat16) -> runs.Run:
@@ -44,9 +62,21 @@ def export_inference(
     step: int | None = None,
     dtype: Any = jnp.bfloat16,
 ) -> runs.Run:
-    """Writes `runs.load_run(path, step)` merged and cast to `out_dir`; returns it as exported."""
+    """Writes `runs.load_run(path, step)` merged and cast to `out_dir`; returns it as exported.
+
+    Everything is checked before the run is read: `dtype` one of EXPORT_DTYPES, `out_dir`
+    absent (an export is never overwritten).
+    """
+    from etils import epath
+
     from pixelvla_jax.weights import orbax_io
 
+    dtype = export_dtype(dtype)
+    if epath.Path(out_dir).exists():
+        raise OutputExistsError(
+            f"--out={os.fspath(out_dir)} already exists; an export is never overwritten: choose "
+            "a new directory, or delete that one first."
+        )
     merged = merge_for_inference(runs.load_run(path, step), dtype)
     metadata = {
         "config": merged.config.to_dict(),
@@ -69,16 +99,18 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    merged = export_inference(f.checkpoint, f.out, f.step, jnp.dtype(f.dtype))
+    merged = export_inference(f.checkpoint, f.out, f.step, f.dtype)
     print(f"exported step {merged.step} of {f.checkpoint} to {f.out} ({f.dtype}, LoRA merged)")
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from pixelvla_jax import cli
 
     flags.DEFINE_string("checkpoint", None, "A run's workdir or checkpoints/ directory.")
     flags.DEFINE_string("out", None, "Export directory (must not exist).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest complete one).")
-    flags.DEFINE_string("dtype", "bfloat16", "Parameter dtype of the export.")
+    flags.DEFINE_string("dtype", "bfloat16", f"Parameter dtype of the export: {EXPORT_DTYPES}.")
     flags.mark_flags_as_required(["checkpoint", "out"])
-    app.run(main)
+    cli.run(main)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
+from pixelvla_jax.errors import MissingInputError
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig, init_params_fn
 from pixelvla_jax.training import config as config_lib
 from pixelvla_jax.training import optimizer as optimizer_lib
@@ -106,7 +107,7 @@ def _load_checkpoint(path, step, params_target, load_params) -> Run:
     try:
         directory = checkpoint_lib.checkpoint_dir(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{e} Nor is it an export directory (params/ and metadata/ written by "
             "python -m pixelvla_jax.export --checkpoint=WORKDIR --out=DIR)."
         ) from None
@@ -116,7 +117,7 @@ def _load_checkpoint(path, step, params_target, load_params) -> Run:
         if step is None:
             if not complete:
                 present = ckpt.all_steps()
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"No complete checkpoint in {directory} (step directories present: "
                     f"{present or 'none'}; a save that did not finish is not complete). Let the "
                     "run save one (train.checkpoint_every steps, or at its end) or point to "
@@ -124,7 +125,7 @@ def _load_checkpoint(path, step, params_target, load_params) -> Run:
                 )
             step = complete[-1]
         elif step not in complete:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Checkpoint step {step} is not a complete checkpoint in {directory}; complete "
                 f"steps: {complete or 'none'}. Pass one of those (or no step: the newest)."
             )
@@ -157,7 +158,7 @@ def _load_export(path, step, params_target, load_params) -> Run:
 
     meta = orbax_io.load_metadata(path)
     if step is not None and int(step) != int(meta["step"]):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Export {path} holds step {meta['step']} only, not step {step}; export that step "
             "from the training run (python -m pixelvla_jax.export --step=...) or pass no step."
         )
@@ -207,7 +208,7 @@ def _tokenizer(assets: Mapping[str, str], metadata: Mapping[str, Any], where: st
     recorded = str(metadata.get("tokenizer") or "")
     if recorded and epath.Path(recorded).is_file():
         return _local_file(recorded)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"The {where} holds no tokenizer asset (assets/{TOKENIZER_ASSET}; it predates them) "
         f"and its recorded tokenizer {recorded!r} (metadata 'tokenizer') does not exist; copy "
         "the run's tokenizer .model back to that path."

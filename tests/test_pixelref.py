@@ -190,7 +190,7 @@ def test_generated_dataset_reads_back_with_masks_and_standardised_actions(tmp_pa
         with pytest.raises(ValueError, match="Delete"):
             pixelref.check_generated(dataset_dir, *args)
     os.remove(os.path.join(dataset_dir, pixelref.GENERATOR_FILE))
-    with pytest.raises(ValueError, match="older version"):
+    with pytest.raises(ValueError, match="incomplete.*Delete it to regenerate"):
         pixelref.check_generated(dataset_dir, 3, 5, cfg)
 
 

@@ -21,6 +21,7 @@ import os
 import sys
 
 from pixelvla_jax.annotate.config import AnnotateConfig, CloseEventConfig, GripperPrompt
+from pixelvla_jax.errors import InvalidInputError, MissingInputError, PixelVLAError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,17 +110,62 @@ def config_from_args(args) -> AnnotateConfig:
     )
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    missing = [r for r in ("video_segmenter", "detector", "segmenter") if not getattr(args, r)]
+MODEL_FLAGS = ("video_segmenter", "detector", "segmenter", "llm")  # llm is optional
+
+
+def check_args(args) -> None:
+    """Raises a PixelVLAError naming the first bad argument; nothing heavy is imported, so a
+    wrong path is reported as such before any model (or PyTorch) is loaded."""
+    from pixelvla_jax.data import rlds
+
+    missing = [r for r in MODEL_FLAGS[:3] if not getattr(args, r)]
     if missing:
-        print(
-            "annotate: give local model folders for "
+        raise InvalidInputError(
+            "give local model folders for "
             + ", ".join(f"--{r}=PATH" for r in missing)
             + " (transformers checkpoints; pixelvla_jax.annotate.tiny_models.save_all writes "
-            "random tiny ones for a dry run)",
-            file=sys.stderr,
+            "random tiny ones for a dry run)"
         )
+    rlds.resolve_version_dir(args.dataset)  # DatasetNotFoundError naming the directory
+    for flag in MODEL_FLAGS:
+        path = getattr(args, flag)
+        if path and not os.path.isdir(path):
+            raise MissingInputError(
+                f"--{flag}={path}: no such directory; give a local transformers checkpoint "
+                "folder (config.json + weights; nothing is downloaded)."
+            )
+    if args.reference_image and not os.path.isfile(args.reference_image):
+        raise MissingInputError(f"--reference_image={args.reference_image}: no such file.")
+    for flag, n in (("gripper_point", 2), ("gripper_box", 4)):
+        text = getattr(args, flag)
+        try:
+            values = _floats(text)
+        except ValueError:
+            values = None
+        if text is not None and (
+            values is None or len(values) != n or not all(0.0 <= v <= 1.0 for v in values)
+        ):
+            raise InvalidInputError(
+                f"--{flag}={text!r}: give {n} comma-separated numbers in [0, 1]"
+                + (" (x,y)" if n == 2 else " (x0,y0,x1,y1)")
+                + "."
+            )
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InvalidInputError(f"--out={args.out} is a file; give a folder (created if absent).")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"--out={args.out}: {parent} is not writable.")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        check_args(args)
+    except PixelVLAError as err:
+        print(f"annotate: {err}", file=sys.stderr)
         return 2
     from pixelvla_jax.annotate.hf_backends import build_backends
     from pixelvla_jax.annotate.runner import annotate_dataset
@@ -158,4 +204,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pixelvla_jax import cli
+
+    cli.run(main, absl_flags=False)

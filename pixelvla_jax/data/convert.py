@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 
 from pixelvla_jax.data import rlds
+from pixelvla_jax.errors import MissingDependencyError
 
 
 def convert_to_array_record(
@@ -30,7 +30,7 @@ def convert_to_array_record(
     """Converts `dataset_dir` (a version folder, or a dataset folder with versions) in place or
     into `out_dir`; returns the folder to read the converted dataset from."""
     if importlib.util.find_spec("tensorflow") is None:
-        raise RuntimeError(
+        raise MissingDependencyError(
             "converting TFRecord datasets needs TensorFlow (TFDS parses TFRecords with it): "
             "pip install -e '.[convert]' (or `pip install tensorflow-cpu`), then rerun "
             f"`{rlds.CONVERT_COMMAND.format(dir=dataset_dir)}`"
@@ -83,4 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pixelvla_jax import cli
+
+    cli.run(main, absl_flags=False)

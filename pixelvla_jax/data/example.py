@@ -134,6 +134,7 @@ class ExampleBuilder:
         rng: np.random.Generator,
         train: bool,
         prompt_kind: str | None = None,
+        visual_prompt: prompts.VisualPrompt | None = None,
     ) -> dict[str, np.ndarray]:
         """One example: the EXAMPLE_KEYS of a batch, unbatched.
 
@@ -147,6 +148,9 @@ class ExampleBuilder:
             the points / line / box prompt).
           train: training example (augmentation, dropout, sampled prompt kind) or acting one.
           prompt_kind: acting only: one of `prompts.PROMPT_KINDS`.
+          visual_prompt: acting only: an explicit prompt (coordinates in [0, 1] of `image`)
+            instead of one derived from the mask; `prompt_kind` is then None or its kind, and
+            `target_mask`, when given, is the pixel input (training shows both together).
         Returns:
           dict: image uint8 [S, S, 3], pixel_mask float32 [S, S], has_pixel_mask bool,
           prompt_points float32 [P, 2], prompt_types int32 [P], prompt_mask float32 [S, S],
@@ -160,7 +164,9 @@ class ExampleBuilder:
                 f"ExampleBuilder.build: a training example draws its prompt kind from "
                 f"DataConfig.prompt_cfg.kind_probs; got prompt_kind={prompt_kind!r}."
             )
-        if not train:
+        if visual_prompt is not None:
+            _check_explicit_prompt(visual_prompt, prompt_kind, train)
+        elif not train:
             _check_acting_kind(prompt_kind, target_mask)
         hw = image.size[::-1] if isinstance(image, Image.Image) else np.shape(image)[:2]
         for name, m in (("target_mask", target_mask), ("referred_mask", referred_mask)):
@@ -192,6 +198,8 @@ class ExampleBuilder:
             pixel_input = None if dropped else target
             prompt_source = pixel_input
             prompt_cfg = cfg.prompt_cfg if cfg.visual_prompts else None
+        elif visual_prompt is not None:
+            pixel_input, prompt_cfg = target, None
         else:
             if prompt_kind != "none" and target is None:
                 raise ValueError(
@@ -206,7 +214,10 @@ class ExampleBuilder:
                 if prompt_kind == "none" or mask_alone
                 else dataclasses.replace(cfg.prompt_cfg, kind_probs={prompt_kind: 1.0})
             )
-        if prompt_cfg is None:
+        if visual_prompt is not None:
+            moved = dataclasses.replace(visual_prompt, points=self._acting_points(visual_prompt))
+            prompt = prompts.explicit_visual_prompt(moved, cfg.prompt_cfg, (size, size))
+        elif prompt_cfg is None:
             prompt = prompts.empty_prompt(cfg.prompt_cfg.max_points, size, size)
         else:
             prompt = prompts.sample_visual_prompt(
@@ -253,6 +264,16 @@ class ExampleBuilder:
             return out, cropped
         resized = [None if m is None else image_lib.resize_mask(m, size) for m in masks]
         return image_lib.resize_image(image, size), resized
+
+    def _acting_points(self, visual_prompt: prompts.VisualPrompt) -> np.ndarray:
+        """An explicit prompt's [K, 2] points in the frame -> in the acting geometry's image:
+        the resize keeps [0, 1] coordinates, the centre crop maps its box onto [0, 1]
+        (points outside it are clipped to its edge by `explicit_visual_prompt`)."""
+        points = np.asarray(visual_prompt.points, np.float32)
+        if not self.trained_with_crop:
+            return points
+        side = float(np.sqrt(np.mean(self.cfg.augment_cfg.crop_scale)))
+        return ((points - (1.0 - side) / 2.0) / side).astype(np.float32)
 
     # ------------------------------------------------------------------ actions
 
@@ -304,6 +325,21 @@ def _check_acting_kind(kind: Any, target_mask: np.ndarray | None) -> None:
         raise ValueError(
             f"prompt kind {kind!r} needs a non-empty pixel mask of the target (the prompt is "
             "derived from it); give one or use 'none'."
+        )
+
+
+def _check_explicit_prompt(prompt: Any, kind: Any, train: bool) -> None:
+    if train:
+        raise ValueError(
+            "ExampleBuilder.build: a training example samples its prompt from the mask; "
+            "visual_prompt= is for acting (train=False)."
+        )
+    if not isinstance(prompt, prompts.VisualPrompt):
+        raise TypeError(f"visual_prompt must be a data.prompts.VisualPrompt, got {type(prompt)}.")
+    if kind is not None and kind != prompt.kind:
+        raise ValueError(
+            f"prompt kind {kind!r} contradicts the explicit {prompt.kind!r} visual prompt; give "
+            "one of them (or the same kind)."
         )
 
 

@@ -11,21 +11,143 @@ known exactly, so annotation tests can check alignment.
 Example:
     path = write_synthetic_dataset(tmp_dir, "libero", num_episodes=3, episode_lengths=[5, 9, 2])
     # -> tmp_dir/synthetic_libero/1.0.0, readable by tfds.builder_from_directory(path)
+
+Datasets generated on first use (`data/generators.py`) go through `write_generated`: written
+into a temporary folder `data_dir/.tmp-<name>.<host>.<pid>.<hex>`, completed by the marker
+`generator.json` (what they were made from), then renamed to `data_dir/<name>`. So
+`data_dir/<name>` exists whole or not at all; one without its marker is reported as
+incomplete by `existing_generated`, which also removes the temporary folders of
+generations that were killed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
+import socket
 import types
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from pixelvla_jax.data import annotations as ann
+from pixelvla_jax.errors import PixelVLAError
+
+log = logging.getLogger(__name__)
+
+# The completion marker of a generated dataset, written last: what it was made from.
+GENERATOR_FILE = "generator.json"
+_TMP_PREFIX = ".tmp-"
+
+
+class IncompleteDatasetError(PixelVLAError, ValueError):
+    """A generated dataset's folder without its completion marker (an interrupted run)."""
+
+
+def _tmp_prefix(name: str) -> str:
+    return f"{_TMP_PREFIX}{name}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_interrupted(data_dir: str | os.PathLike, name: str) -> list[str]:
+    """Removes the temporary folders of `name`'s generations killed on this host (their
+    process is gone); returns those left alone (live, or another host's), logged."""
+    root = epath.Path(data_dir)
+    if not root.is_dir():
+        return []
+    host, kept = socket.gethostname(), []
+    for tmp in root.glob(_tmp_prefix(name) + "*"):
+        owner_host, _, rest = tmp.name[len(_tmp_prefix(name)) :].rpartition(".")
+        owner_host, _, pid = owner_host.rpartition(".")
+        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            log.warning("Removing %s, left by an interrupted generation of %r.", tmp, name)
+            tmp.rmtree(missing_ok=True)
+        else:
+            log.warning(
+                "%s: a generation of %r by %s (process %s) is running or was interrupted there;"
+                " delete it if no process is writing it.",
+                tmp,
+                name,
+                owner_host or "?",
+                pid or "?",
+            )
+            kept.append(os.fspath(tmp))
+    return kept
+
+
+def existing_generated(data_dir: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The marker (`generator.json`) of generated dataset `name` in `data_dir`, or None when
+    there is no such dataset. Removes leftovers of killed generations first. Raises
+    IncompleteDatasetError when the folder exists without its marker."""
+    clean_interrupted(data_dir, name)
+    dataset_dir = epath.Path(data_dir) / name
+    if not dataset_dir.exists():
+        return None
+    marker = dataset_dir / GENERATOR_FILE
+    problem = None
+    if not marker.exists():
+        problem = f"has no {GENERATOR_FILE}"
+    else:
+        try:
+            return json.loads(marker.read_text())
+        except ValueError as e:
+            problem = f"has a damaged {GENERATOR_FILE} ({e})"
+    raise IncompleteDatasetError(
+        f"Generated dataset {name!r} in {dataset_dir} is incomplete: it {problem}, the marker "
+        "written when a generation completes (the run that generated it was interrupted, or "
+        "it was made before generated datasets had one). Delete it to regenerate: "
+        f"rm -r {dataset_dir} (it is made from seeds: nothing is lost)."
+    )
+
+
+def write_generated(
+    data_dir: str | os.PathLike,
+    name: str,
+    write: Callable[[str], str],
+    spec: Mapping[str, Any],
+) -> str:
+    """Generates dataset `name` into `data_dir` atomically; returns its version directory.
+
+    `write(tmp_data_dir)` writes the dataset as `tmp_data_dir/name/<version>` and returns
+    that version directory (e.g. `write_rlds_dataset`). `spec` (JSON) is saved as the
+    completion marker `data_dir/name/generator.json`. An exception (or a kill) leaves no
+    `data_dir/name`; see `existing_generated` for what the next run finds.
+    """
+    root = epath.Path(data_dir)
+    final = root / name
+    if final.exists():
+        raise FileExistsError(f"dataset {name!r} already exists in {final}; delete it first")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{_tmp_prefix(name)}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        version_dir = epath.Path(write(os.fspath(tmp)))
+        (tmp / name / GENERATOR_FILE).write_text(json.dumps(dict(spec), indent=1, sort_keys=True))
+        try:
+            (tmp / name).rename(final)
+        except OSError:
+            if not (final / GENERATOR_FILE).exists():  # not another process finishing first
+                raise
+        return os.fspath(final / version_dir.relative_to(tmp / name))
+    finally:
+        tmp.rmtree(missing_ok=True)
+
 
 FORMATS = ("libero", "bridge", "fractal")
 

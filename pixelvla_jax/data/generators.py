@@ -19,7 +19,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from pixelvla_jax import paths
 from pixelvla_jax.data import generate
+from pixelvla_jax.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def pixelref(request: GenerationRequest) -> None:
     from pixelvla_jax.envs import pixelref as pixelref_env
 
     env_cfg = pixelref_env.PixelRefConfig(image_size=request.image_size)
-    if os.path.isdir(request.path):
+    if generate.existing_generated(request.data_dir, request.name) is not None:
         pixelref_env.check_generated(request.path, request.num_episodes, request.seed, env_cfg)
         return
     log.info("Generating %d PixelRef expert episodes in %s", request.num_episodes, request.path)
@@ -65,17 +67,22 @@ def synthetic(fmt: str) -> Generator:
     """Synthetic episodes in the raw layout of `fmt` (`data/generate.py`)."""
 
     def generate_synthetic(request: GenerationRequest) -> None:
-        if os.path.isdir(request.path):
-            return
+        if generate.existing_generated(request.data_dir, request.name) is not None:
+            return  # present (complete): left as it is
         log.info("Generating dataset %s in %s", request.name, request.path)
-        generate.write_synthetic_dataset(
+        generate.write_generated(
             request.data_dir,
-            fmt=fmt,
-            num_episodes=request.num_episodes,
-            episode_lengths=request.episode_length,
-            image_size=request.image_size,
-            name=request.name,
-            seed=request.seed,
+            request.name,
+            lambda tmp_dir: generate.write_synthetic_dataset(
+                tmp_dir,
+                fmt=fmt,
+                num_episodes=request.num_episodes,
+                episode_lengths=request.episode_length,
+                image_size=request.image_size,
+                name=request.name,
+                seed=request.seed,
+            ),
+            {"generator": f"pixelvla_jax.data.generate:{fmt}", **dataclasses.asdict(request)},
         )
 
     return generate_synthetic
@@ -136,11 +143,11 @@ def ensure_data(cfg: Any) -> None:
                 )
             )
             continue
-        if os.path.isdir(path):
+        if paths.as_path(path).is_dir():
             continue
-        raise FileNotFoundError(
-            f"Dataset {name!r} not found: looked for {os.path.abspath(path)}. Download the RLDS "
-            f"dataset into {os.path.abspath(cfg.data.data_dir)} (TFRecord datasets are converted "
+        raise MissingInputError(
+            f"Dataset {name!r} not found: looked for {paths.absolute(path)}. Download the RLDS "
+            f"dataset into {paths.absolute(cfg.data.data_dir)} (TFRecord datasets are converted "
             f"with `python -m pixelvla_jax.data.convert --dataset_dir={path}`), or pass "
             "--data_dir=DIR / --config.data.data_dir=DIR."
         )

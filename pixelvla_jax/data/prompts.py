@@ -18,6 +18,9 @@ probabilities (`PromptConfig.kind_probs`, a mapping kind -> probability):
 Coordinates are (x, y) in [0, 1] of the width / height; a pixel (row r, col c) has its
 centre at ((c + 0.5) / W, (r + 0.5) / H). Unused slots are PROMPT_PAD with (0, 0).
 An absent or empty mask always gives "none".
+
+`VisualPrompt` is a prompt given explicitly (a user's clicks, stroke or box; a server's
+client), turned into the same arrays by `explicit_visual_prompt`.
 """
 
 from __future__ import annotations
@@ -250,3 +253,99 @@ def format_instruction(instruction, template: str = PIXELVLA_TEMPLATE) -> str:
             f" {sorted(TEMPLATES)} or a format string containing it."
         )
     return template.format(instruction=str(instruction).strip().lower())
+
+
+# ------------------------------------------------------------------ explicit prompts
+
+# The visual prompts a user can give explicitly (clicks, a stroke, a box) instead of having one
+# sampled from a mask; a mask given as a prompt is the "mask" kind, i.e. the target mask itself.
+EXPLICIT_PROMPT_KINDS = ("points", "line", "box")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisualPrompt:
+    """A visual prompt given explicitly, in this module's coordinates: (x, y) in [0, 1] of the
+    frame's width / height (the centre of pixel (r, c) of an H x W frame is
+    ((c + 0.5) / W, (r + 0.5) / H); a box corner on a pixel edge is (c / W, r / H)).
+
+    Attributes:
+      kind: one of EXPLICIT_PROMPT_KINDS.
+      points: float [K, 2]: "points" the clicks; "line" the stroke's vertices (K >= 1, a
+        polyline); "box" two opposite corners.
+      labels: "points" only: bool [K], True = on the target (positive), False = negative.
+    """
+
+    kind: str
+    points: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __post_init__(self):
+        points = np.asarray(self.points, np.float32)
+        if self.kind not in EXPLICIT_PROMPT_KINDS:
+            raise ValueError(
+                f"VisualPrompt: kind {self.kind!r} is not an explicit prompt kind; use one of "
+                f"{EXPLICIT_PROMPT_KINDS} (a mask prompt is given as the target mask)."
+            )
+        if points.ndim != 2 or points.shape[1] != 2 or len(points) == 0:
+            raise ValueError(f"VisualPrompt: points must be [K >= 1, 2], got {points.shape}.")
+        if not np.isfinite(points).all():
+            raise ValueError("VisualPrompt: points must be finite.")
+        if self.kind == "box" and len(points) != 2:
+            raise ValueError(f"VisualPrompt: a box is 2 corners, got {len(points)} points.")
+        labels = None
+        if self.kind == "points":
+            labels = np.ones(len(points), bool) if self.labels is None else self.labels
+            labels = np.asarray(labels).astype(bool)
+            if labels.shape != (len(points),):
+                raise ValueError(
+                    f"VisualPrompt: {labels.shape} labels for {len(points)} points; give one each."
+                )
+            if not labels.any():
+                raise ValueError("VisualPrompt: points need at least one positive (label 1).")
+        elif self.labels is not None:
+            raise ValueError(f"VisualPrompt: labels are for points, not a {self.kind}.")
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "labels", labels)
+
+
+def _resample_polyline(vertices: np.ndarray, n: int) -> np.ndarray:
+    """n points evenly spaced by arc length along a polyline (a stroke), ends included."""
+    if len(vertices) == 1:
+        return np.repeat(vertices, n, axis=0)
+    seg = np.linalg.norm(np.diff(vertices, axis=0), axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(seg)])
+    if arc[-1] == 0:
+        return np.repeat(vertices[:1], n, axis=0)
+    at = np.linspace(0.0, arc[-1], n)
+    return np.stack([np.interp(at, arc, vertices[:, d]) for d in range(2)], axis=-1)
+
+
+def explicit_visual_prompt(
+    prompt: VisualPrompt, cfg: PromptConfig, image_size: tuple[int, int]
+) -> dict:
+    """An explicit prompt as the arrays `sample_visual_prompt` returns (same layout, types and
+    slot order): points -> positives then negatives; line -> `cfg.line_points` points evenly
+    spaced along the stroke (as a sampled line has); box -> top-left, bottom-right corners.
+
+    Coordinates are clipped to [0, 1]. Raises ValueError when the prompt needs more slots than
+    `cfg.max_points`.
+    """
+    out = empty_prompt(cfg.max_points, *image_size)
+    pts = np.clip(prompt.points, 0.0, 1.0)
+    if prompt.kind == "points":
+        order = np.concatenate([np.nonzero(prompt.labels)[0], np.nonzero(~prompt.labels)[0]])
+        pts, types = pts[order], np.where(prompt.labels[order], PROMPT_POSITIVE, PROMPT_NEGATIVE)
+    elif prompt.kind == "line":
+        pts = _resample_polyline(pts, cfg.line_points)
+        types = np.full(len(pts), PROMPT_LINE)
+    else:
+        pts = np.stack([pts.min(axis=0), pts.max(axis=0)])
+        types = np.array([PROMPT_BOX_TOP_LEFT, PROMPT_BOX_BOTTOM_RIGHT])
+    if len(pts) > cfg.max_points:
+        raise ValueError(
+            f"a {prompt.kind} prompt of {len(pts)} points does not fit the model's "
+            f"max_points={cfg.max_points} prompt slots; give at most {cfg.max_points}."
+        )
+    out["prompt_points"][: len(pts)] = pts
+    out["prompt_types"][: len(pts)] = types
+    return out

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pixelvla_jax import paths
 from pixelvla_jax.data import annotations as ann
 from pixelvla_jax.data import rlds
 from pixelvla_jax.data.registry import DatasetSpec, get_spec
@@ -52,9 +53,13 @@ def pack_step_record(image: bytes, wrist_image: bytes, mask: bytes) -> bytes:
 
 
 def unpack_step_record(record: bytes) -> tuple[bytes, bytes, bytes]:
-    if record[:4] != _RECORD_MAGIC:
-        raise ValueError("not a pixelvla step record (bad magic); rebuild the step index")
+    """The blobs of a `pack_step_record` record; ValueError for bytes that are not one."""
+    header = 4 + 4 * _NUM_BLOBS
+    if record[:4] != _RECORD_MAGIC or len(record) < header:
+        raise ValueError("not a pixelvla step record (bad magic)")
     sizes = struct.unpack_from("<3I", record, 4)
+    if header + sum(sizes) != len(record):
+        raise ValueError(f"a step record of {len(record)} bytes announcing {header + sum(sizes)}")
     out, offset = [], 4 + 4 * _NUM_BLOBS
     for size in sizes:
         out.append(bytes(record[offset : offset + size]))
@@ -62,30 +67,49 @@ def unpack_step_record(record: bytes) -> tuple[bytes, bytes, bytes]:
     return out[0], out[1], out[2]
 
 
+def damaged_cache_error(path: str, dataset: str, problem: str) -> rlds.CorruptDataError:
+    """The error for a damaged file of a step-index cache: say which, and that deleting the
+    cache folder rebuilds it from the dataset."""
+    return rlds.CorruptDataError(
+        f"dataset {dataset!r}: the step-index cache file {path} {problem}. The cache is "
+        f"truncated or corrupted (a full disk, an interrupted copy); delete "
+        f"{os.path.dirname(path)} and the next run rebuilds it from the dataset "
+        "(or pass rebuild=True)."
+    )
+
+
 class RecordFile:
     """Lazily opened ArrayRecord file for random access; counts records read (`num_reads`).
 
-    Picklable (the reader is reopened in the new process), thread-safe.
+    Picklable (the reader is reopened in the new process), thread-safe. A read that fails
+    raises CorruptDataError naming the file and `dataset`.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, dataset: str = "?"):
         self.path = path
+        self.dataset = dataset
         self.num_reads = 0
         self._reader = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"path": self.path, "num_reads": 0}
+        return {"path": self.path, "dataset": self.dataset, "num_reads": 0}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("dataset", "?"))
 
     def _open(self):
         from array_record.python.array_record_module import ArrayRecordReader
 
         if self._reader is None:
-            self._reader = ArrayRecordReader(self.path, "readahead_buffer_size:0")
+            try:
+                self._reader = ArrayRecordReader(self.path, "readahead_buffer_size:0")
+            except Exception as e:  # riegeli's RuntimeError / ValueError
+                raise self.damaged(f"cannot be opened ({rlds.describe_exception(e)})") from e
         return self._reader
+
+    def damaged(self, problem: str) -> rlds.CorruptDataError:
+        return damaged_cache_error(self.path, self.dataset, problem)
 
     def __len__(self) -> int:
         with self._lock:
@@ -94,7 +118,12 @@ class RecordFile:
     def read(self, i: int) -> bytes:
         with self._lock:
             self.num_reads += 1
-            return self._open().read([int(i)])[0]
+            reader = self._open()
+            try:
+                return reader.read([int(i)])[0]
+            except Exception as e:
+                problem = f"record {i} cannot be read ({rlds.describe_exception(e)})"
+                raise self.damaged(problem) from e
 
 
 def _write_records(path: str, records) -> None:
@@ -116,9 +145,13 @@ def index_key(version_dir: str, spec: DatasetSpec, split: str) -> str:
 
 
 def default_cache_root(dataset_dir: str | os.PathLike) -> str:
-    return os.path.normpath(
-        os.path.join(os.path.abspath(os.fspath(dataset_dir)), "..", "pixelvla_cache")
-    )
+    """`<dataset_dir>/../pixelvla_cache`; for a dataset at a URL (gs://...), a local folder
+    (`~/.cache/pixelvla_cache/<host>/<path>`): the cache is read at random, record by record."""
+    directory = paths.absolute(dataset_dir)
+    if paths.is_url(directory):
+        scheme, _, rest = paths.parent(directory).partition("://")
+        return os.path.join(os.path.expanduser("~/.cache/pixelvla_cache"), scheme, rest)
+    return os.path.join(paths.parent(directory), "pixelvla_cache")
 
 
 def _concat_features(step: dict, keys, *, dataset: str, episode: Any, t: int) -> np.ndarray:
@@ -182,7 +215,10 @@ class _Builder:
         spec, dataset = self.spec, self.dataset
         instruction_table: dict[str, int] = {}
         for e in range(len(self.source)):
-            episode = self.source.episodes[e]
+            try:  # parsing happens here: a damaged file fails with riegeli's or tfds' error
+                episode = self.source.episodes[e]
+            except Exception as error:
+                raise rlds.episode_read_error(self.source, dataset, e, error) from error
             episode_id = self._episode_id(episode, e)
             label = f"episode {e} ({episode_id})"
             steps = rlds.get_feature(episode, "steps", dataset=dataset, episode=label)
@@ -361,9 +397,20 @@ class StepIndex:
                 f"no step index in {path} (metadata.json missing); build it with "
                 "pixelvla_jax.data.step_index.build_step_index(dataset_dir)"
             )
-        with open(meta_path) as f:
-            self.metadata: dict[str, Any] = json.load(f)
-        load = lambda name: np.load(os.path.join(path, f"{name}.npy"))
+        try:
+            with open(meta_path) as f:
+                self.metadata: dict[str, Any] = json.load(f)
+        except ValueError as e:
+            raise damaged_cache_error(meta_path, "?", f"is not valid JSON ({e})") from e
+        dataset = str(self.metadata.get("dataset_name", "?"))
+
+        def load(name: str) -> np.ndarray:
+            file = os.path.join(path, f"{name}.npy")
+            try:
+                return np.load(file)
+            except (OSError, ValueError, EOFError) as e:
+                raise damaged_cache_error(file, dataset, f"cannot be loaded ({e})") from e
+
         self.actions = load("actions")
         self.proprio = load("proprio")
         self.episode_starts = load("episode_starts")
@@ -373,9 +420,23 @@ class StepIndex:
         self.gripper_boxes = load("gripper_boxes")
         self.has_episode_mask = np.asarray(self.metadata["has_episode_mask"], bool)
         self.has_referred_mask = np.asarray(self.metadata["has_referred_mask"], bool)
-        self.frames = RecordFile(os.path.join(path, "frames.array_record"))
-        self.episode_masks = RecordFile(os.path.join(path, "episode_masks.array_record"))
-        self.referred_masks = RecordFile(os.path.join(path, "referred_masks.array_record"))
+        self.frames = RecordFile(os.path.join(path, "frames.array_record"), dataset)
+        self.episode_masks = RecordFile(os.path.join(path, "episode_masks.array_record"), dataset)
+        self.referred_masks = RecordFile(os.path.join(path, "referred_masks.array_record"), dataset)
+        self._check_files()
+
+    def _check_files(self) -> None:
+        """Every cache file opens and holds its count of records (footers only: cheap), so a
+        damaged cache is reported now, not by a data worker in the middle of training."""
+        counts = (
+            (self.frames, self.num_steps),
+            (self.episode_masks, self.num_episodes),
+            (self.referred_masks, self.num_episodes),
+        )
+        for records, expected in counts:
+            problem = rlds.check_array_record(records.path, expected)
+            if problem:
+                raise records.damaged(problem)
 
     @property
     def key(self) -> str:
@@ -406,7 +467,11 @@ class StepIndex:
 
     def read_frames(self, i: int) -> tuple[bytes, bytes, bytes]:
         """(image, wrist image or b"", per-step mask or b"") of step i: reads one record."""
-        return unpack_step_record(self.frames.read(i))
+        record = self.frames.read(i)
+        try:
+            return unpack_step_record(record)
+        except ValueError as e:
+            raise self.frames.damaged(f"holds a bad record at step {i} ({e})") from e
 
     def read_episode_mask(self, e: int) -> bytes:
         """PNG of episode e's first-frame mask, or b"" (no read when the episode has none)."""

@@ -14,6 +14,8 @@ import tempfile
 
 import sentencepiece as spm
 
+from pixelvla_jax import paths
+
 BOS_ID = 1
 EOS_ID = 2
 PAD_ID = 0
@@ -25,14 +27,13 @@ class Tokenizer:
     def __init__(self, model_path: str | os.PathLike | None = None, *, model_proto: bytes = b""):
         if model_path is not None:
             path = os.fspath(model_path)
-            if not os.path.isfile(path):
+            if not paths.as_path(path).is_file():  # local, or a URL (gs://...)
                 raise FileNotFoundError(
                     f"Tokenizer: no SentencePiece model at {path!r}. Point it to Llama-2's "
                     "tokenizer.model, or make a small one with "
                     "pixelvla_jax.data.tokenizer.train_tiny_tokenizer(path)."
                 )
-            with open(path, "rb") as f:
-                model_proto = f.read()
+            model_proto = paths.as_path(path).read_bytes()
         if not model_proto:
             raise ValueError("Tokenizer: give a model_path or a non-empty model_proto.")
         self.model_path = None if model_path is None else os.fspath(model_path)
@@ -166,6 +167,10 @@ def train_tiny_tokenizer(
     )
     proto = buf.getvalue()
     out_path = os.fspath(out_path)
+    if paths.is_url(out_path):  # object stores write a file whole: no temporary name needed
+        paths.as_path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        paths.as_path(out_path).write_bytes(proto)
+        return Tokenizer(out_path)
     out_dir = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from pixelvla_jax import paths
 from pixelvla_jax.envs import libero as libero_lib
 from pixelvla_jax.envs.rollout import act_padded, to_libero_actions
 
@@ -318,12 +319,12 @@ class _Process:
 # ---------------------------------------------------------------------- policy side
 
 
-def _load_policy(checkpoint: Any, step: int | None) -> Any:
+def _load_policy(checkpoint: Any, step: int | None, dataset_name: str | None = None) -> Any:
     if hasattr(checkpoint, "act"):
         return checkpoint
     from pixelvla_jax.policy import Policy
 
-    return Policy.from_checkpoint(checkpoint, step=step)
+    return Policy.from_checkpoint(checkpoint, step=step, dataset_name=dataset_name)
 
 
 def _check_settings(out_dir: str, settings: dict) -> None:
@@ -452,6 +453,7 @@ def run(
     seed: int = 7,
     *,
     step: int | None = None,
+    dataset_name: str | None = None,
     prompt_kind: str = "mask",
     max_steps: int | None = None,
     num_warmup_steps: int = libero_lib.NUM_WARMUP_STEPS,
@@ -473,6 +475,8 @@ def run(
       videos: the first `videos` trials of every task are recorded.
       seed: seeds the visual prompts derived from masks (the protocol's seed 7).
       step: checkpoint step (default: newest).
+      dataset_name: whose statistics unnormalise the actions (default: the run's first dataset;
+        `evaluate` passes the dataset that matches the suite).
       prompt_kind: visual prompt from the mask: mask | points | box | line.
       max_steps: steps after the warm-up (default: the suite's protocol limit).
       num_warmup_steps: no-op steps before the policy acts (protocol: 10).
@@ -500,7 +504,7 @@ def run(
     ckpt_name = checkpoint if isinstance(checkpoint, str) else type(checkpoint).__name__
     settings = dataclasses.asdict(
         EvalSettings(
-            checkpoint=os.path.abspath(ckpt_name) if isinstance(checkpoint, str) else ckpt_name,
+            checkpoint=paths.absolute(ckpt_name) if isinstance(checkpoint, str) else ckpt_name,
             step=step if step is None else int(step),
             suite=suite,
             pixel_input=pixel_input,
@@ -520,7 +524,7 @@ def run(
     if pending:
         _run_pending(
             checkpoint, settings, pending, out_dir, workers, videos, progress, stop_after,
-            len(wanted),
+            len(wanted), dataset_name,
         )  # fmt: skip
         finished = _read_episodes(out_dir)
     records = [finished[key] for key in wanted if key in finished]
@@ -543,10 +547,11 @@ def _run_pending(
     progress: bool,
     stop_after: int | None,
     total: int,
+    dataset_name: str | None = None,
 ) -> None:
     from tqdm import tqdm
 
-    policy = _load_policy(checkpoint, settings["step"])
+    policy = _load_policy(checkpoint, settings["step"], dataset_name)
     chunk = int(policy.chunk_size)
     execute = chunk if settings["replan"] <= 0 else min(settings["replan"], chunk)
     annotations = (

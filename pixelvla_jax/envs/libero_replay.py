@@ -274,7 +274,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from pixelvla_jax import cli
 
     flags.DEFINE_string(
         "hdf5", None, "LIBERO demo files: paths, globs or directories (comma list)."
@@ -286,4 +288,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("keep_noops", False, "Keep no-op actions.")
     flags.DEFINE_integer("max_demos", 0, "Replay at most this many demos per file (0: all).")
     flags.mark_flags_as_required(["hdf5", "out", "name"])
-    app.run(main)
+    cli.run(main)

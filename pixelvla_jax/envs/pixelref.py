@@ -440,22 +440,26 @@ def generate_dataset(
         referred_mask=True,
     )
 
-    path = generate.write_rlds_dataset(
+    # Written into a temporary folder and renamed when complete, generator.json last: an
+    # interrupted generation leaves no data_dir/name (`generate.write_generated`).
+    return generate.write_generated(
         data_dir,
         name,
-        episodes(),
-        features,
-        description="PixelRef expert episodes (pixelvla_jax.envs.pixelref).",
+        lambda tmp_dir: generate.write_rlds_dataset(
+            tmp_dir,
+            name,
+            episodes(),
+            features,
+            description="PixelRef expert episodes (pixelvla_jax.envs.pixelref).",
+        ),
+        generator_spec(num_episodes, seed, cfg),
     )
-    with open(os.path.join(data_dir, name, GENERATOR_FILE), "w") as f:
-        json.dump(generator_spec(num_episodes, seed, cfg), f, indent=1, sort_keys=True)
-    return path
 
 
 # Bumped whenever the expert or the episode layout changes, so stale data is noticed.
 # 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs; 4: referred masks.
 DATA_VERSION = 4
-GENERATOR_FILE = "generator.json"
+GENERATOR_FILE = "generator.json"  # = data.generate.GENERATOR_FILE, the completion marker
 
 
 def generator_spec(num_episodes: int, seed: int, cfg: PixelRefConfig) -> dict[str, Any]:
@@ -470,18 +474,18 @@ def generator_spec(num_episodes: int, seed: int, cfg: PixelRefConfig) -> dict[st
 
 
 def check_generated(dataset_dir: str, num_episodes: int, seed: int, cfg: PixelRefConfig) -> None:
-    """Raises ValueError when `dataset_dir` was generated differently than asked."""
+    """Raises ValueError when `dataset_dir` was generated differently than asked
+    (`generate.IncompleteDatasetError` when its generation never completed)."""
+    from pixelvla_jax.data import generate
+
     expected = generator_spec(num_episodes, seed, cfg)
-    path = os.path.join(dataset_dir, GENERATOR_FILE)
-    try:
-        with open(path) as f:
-            found = json.load(f)
-    except FileNotFoundError:
-        found = None
+    dataset_dir = os.fspath(dataset_dir)
+    found = generate.existing_generated(*os.path.split(dataset_dir.rstrip("/")))
+    if found is None:
+        raise FileNotFoundError(f"{dataset_dir} does not exist: no PixelRef data to check.")
     if found != expected:
-        what = "by an older version" if found is None else f"with {found}"
         raise ValueError(
-            f"{dataset_dir} holds PixelRef data generated {what}, but this run asks for "
+            f"{dataset_dir} holds PixelRef data generated with {found}, but this run asks for "
             f"{expected}. Delete {dataset_dir} to regenerate it (it is made from seeds: "
             "nothing is lost), or point --config.data.data_dir elsewhere."
         )
