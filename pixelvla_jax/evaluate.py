@@ -3,6 +3,8 @@
     python -m pixelvla_jax.evaluate --checkpoint=runs/pixelref --suite=pixelref --trials=200
     python -m pixelvla_jax.evaluate --checkpoint=runs/libero --suite=libero_spatial \
         --tasks=0,1 --trials=50 --pixel_input=oracle --out=runs/libero/eval
+    python -m pixelvla_jax.evaluate --server=ws://127.0.0.1:8000 --suite=pixelref \
+        --out=/tmp/eval_served     # a running `python -m pixelvla_jax.serve` instead
 
 Suites:
   pixelref   the built-in PixelRef task (`envs/pixelref.py`): `--trials` seeded episodes per
@@ -23,6 +25,9 @@ import logging
 import os
 
 from absl import app, flags
+
+from pixelvla_jax import paths
+from pixelvla_jax.errors import InvalidInputError, UnknownNameError
 
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 SUITES = ("pixelref", *LIBERO_SUITES)
@@ -68,6 +73,32 @@ def _define_flags() -> None:
         "PixelRef, discrete head: 0 = greedy, > 0 = sampled action tokens "
         "(default: the checkpoint's model.decode_temperature).",
     )
+    global _ALLOW_MISMATCH
+    _ALLOW_MISMATCH = flags.DEFINE_bool(
+        "allow_dataset_mismatch",
+        False,
+        "Evaluate on a suite although the run was not trained on its data (its statistics, "
+        "action space and prompt template are another dataset's).",
+    )
+    global _SERVER, _API_KEY_ENV, _CONNECTIONS
+    _SERVER = flags.DEFINE_string(
+        "server",
+        "",
+        "ws://HOST:PORT of a running policy server (pixelvla_jax.serve) to evaluate instead "
+        "of --checkpoint; --out is then required.",
+    )
+    _API_KEY_ENV = flags.DEFINE_string(
+        "api_key_env", "", "--server: environment variable holding the server's API key."
+    )
+    _CONNECTIONS = flags.DEFINE_integer(
+        "connections", 8, "--server: parallel connections (the server batches their requests)."
+    )
+
+
+def suite_datasets(suite: str, dataset_names: list[str]) -> list[str]:
+    """The run's datasets that `suite` evaluates: a dataset named `suite` (PixelRef's
+    "pixelref") or `<suite>_*` (LIBERO's "libero_spatial" <- "libero_spatial_no_noops")."""
+    return [n for n in dataset_names if n == suite or n.startswith(f"{suite}_")]
 
 
 def evaluate(
@@ -86,21 +117,50 @@ def evaluate(
     step: int | None = None,
     batch_size: int = 50,
     decode_temperature: float | None = None,
+    allow_dataset_mismatch: bool = False,
 ) -> dict:
-    """Runs the evaluation; returns the results dict (also written as results.json)."""
+    """Runs the evaluation; returns the results dict (also written as results.json).
+
+    Refuses (InvalidInputError) a suite whose data the run was not trained on, unless
+    `allow_dataset_mismatch`: the actions would be unnormalised with another dataset's
+    statistics.
+    """
+    from pixelvla_jax import runs
+
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; use one of {SUITES}.")
+        raise UnknownNameError(f"unknown suite {suite!r}; use one of {SUITES}.")
+    run = runs.load_run(checkpoint, step, load_params=False)  # a missing run fails here
+    fitting = suite_datasets(suite, run.dataset_names)
+    if not fitting and not allow_dataset_mismatch:
+        raise InvalidInputError(
+            f"{checkpoint} (step {run.step}) was trained on datasets {run.dataset_names}, none "
+            f"of which is the data of suite {suite!r} (a dataset named {suite!r} or {suite}_*): its "
+            "action statistics, action space and prompt template are another dataset's. "
+            "Evaluate it on its own data's suite, or pass --allow_dataset_mismatch "
+            "(allow_dataset_mismatch=True) to evaluate anyway."
+        )
     out_dir = out_dir or os.path.join(checkpoint, f"eval_{suite}")
     if suite in LIBERO_SUITES:
         from pixelvla_jax.envs import libero_eval
 
         if decode_temperature is not None:
-            raise ValueError(
+            raise InvalidInputError(
                 "decode_temperature is a PixelRef evaluation option; LIBERO evaluation uses "
                 "the checkpoint's model.decode_temperature."
             )
         return libero_eval.run(
-            checkpoint, suite, tasks, trials, out_dir, pixel_input, replan, workers, videos, seed
+            checkpoint,
+            suite,
+            tasks,
+            trials,
+            out_dir,
+            pixel_input,
+            replan,
+            workers,
+            videos,
+            seed,
+            step=run.step,
+            dataset_name=fitting[0] if fitting else None,
         )
     from pixelvla_jax.envs import rollout
     from pixelvla_jax.envs.pixelref import PixelRefEnv
@@ -109,10 +169,15 @@ def evaluate(
     if pixel_input == "none":
         prompt_kinds = ("none",)
     elif pixel_input != "oracle":
-        raise ValueError(
+        raise InvalidInputError(
             f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
         )
-    policy = Policy.from_checkpoint(checkpoint, step=step, decode_temperature=decode_temperature)
+    policy = Policy.from_checkpoint(
+        checkpoint,
+        step=run.step,
+        dataset_name=fitting[0] if fitting else None,
+        decode_temperature=decode_temperature,
+    )
     return rollout.evaluate_policy(
         policy,
         PixelRefEnv,
@@ -123,7 +188,104 @@ def evaluate(
         out_dir=out_dir,
         videos=videos,
         batch_size=batch_size,
-        title=f"PixelRef, {os.path.basename(os.path.abspath(checkpoint))}",
+        title=f"PixelRef, {os.path.basename(paths.absolute(checkpoint).rstrip('/'))}",
+    )
+
+
+def evaluate_on_server(
+    server: str,
+    suite: str = "pixelref",
+    *,
+    tasks: list[int] | None = None,
+    trials: int = 50,
+    out_dir: str = "",
+    pixel_input: str = "oracle",
+    prompt_kinds: tuple[str, ...] = ("mask", "points", "box", "line", "none"),
+    replan: int = 0,
+    workers: int = 1,
+    videos: int = 2,
+    seed: int = 7,
+    batch_size: int = 50,
+    api_key: str | None = None,
+    connections: int = 8,
+    allow_dataset_mismatch: bool = False,
+) -> dict:
+    """`evaluate` against a running policy server (`python -m pixelvla_jax.serve`) instead of
+    a local checkpoint: the same episodes, seeds, prompts and reports, the policy being
+    `serving.client.RemotePolicy` (row i of a step's batch is sent seeded as `Policy.act`'s
+    row i, so the server derives the same visual prompts). `out_dir` is required."""
+    from pixelvla_jax.serving.client import RemotePolicy
+
+    if suite not in SUITES:
+        raise UnknownNameError(f"unknown suite {suite!r}; use one of {SUITES}.")
+    if not out_dir:
+        raise InvalidInputError("--server needs --out=DIR (there is no checkpoint to write under).")
+    if pixel_input == "none":
+        prompt_kinds = ("none",)
+    elif suite == "pixelref" and pixel_input != "oracle":
+        raise InvalidInputError(
+            f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
+        )
+    policy = RemotePolicy(server, connections=connections, api_key=api_key)
+    try:
+        served = policy.dataset_name
+        if not suite_datasets(suite, [served]) and not allow_dataset_mismatch:
+            raise InvalidInputError(
+                f"the policy at {server} unnormalises with dataset {served!r}'s statistics, not "
+                f"suite {suite!r}'s; serve a run trained on it, or pass --allow_dataset_mismatch."
+            )
+        if suite in LIBERO_SUITES:
+            from pixelvla_jax.envs import libero_eval
+
+            return libero_eval.run(
+                policy, suite, tasks, trials, out_dir, pixel_input, replan, workers, videos, seed
+            )
+        from pixelvla_jax.envs import rollout
+        from pixelvla_jax.envs.pixelref import PixelRefEnv
+
+        return rollout.evaluate_policy(
+            policy,
+            PixelRefEnv,
+            num_episodes=trials,
+            prompt_kinds=tuple(prompt_kinds),
+            replan=replan,
+            seed=seed,
+            out_dir=out_dir,
+            videos=videos,
+            batch_size=batch_size,
+            title=f"PixelRef, {server}",
+        )
+    finally:
+        policy.close()
+
+
+def _main_on_server(tasks: list[int] | None, kinds: tuple[str, ...]) -> dict:
+    if _CHECKPOINT.value or _STEP.value is not None or _TEMPERATURE.value is not None:
+        raise app.UsageError(
+            "--server evaluates the served policy: drop --checkpoint, --step and "
+            "--decode_temperature (they are the server's: pixelvla_jax.serve)."
+        )
+    api_key = None
+    if _API_KEY_ENV.value:
+        api_key = os.environ.get(_API_KEY_ENV.value) or None
+        if api_key is None:
+            raise InvalidInputError(f"--api_key_env={_API_KEY_ENV.value}: unset or empty.")
+    return evaluate_on_server(
+        _SERVER.value,
+        _SUITE.value,
+        tasks=tasks,
+        trials=_TRIALS.value,
+        out_dir=_OUT.value,
+        pixel_input=_PIXEL_INPUT.value,
+        prompt_kinds=kinds,
+        replan=_REPLAN.value,
+        workers=_WORKERS.value,
+        videos=_VIDEOS.value,
+        seed=_SEED.value,
+        batch_size=_BATCH.value,
+        api_key=api_key,
+        connections=_CONNECTIONS.value,
+        allow_dataset_mismatch=_ALLOW_MISMATCH.value,
     )
 
 
@@ -131,6 +293,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.WARNING)
+    if _SERVER.value:
+        tasks = [int(t) for t in _TASKS.value.split(",") if t.strip()] or None
+        kinds = tuple(k.strip() for k in _PROMPT_KINDS.value.split(",") if k.strip())
+        _print_results(_main_on_server(tasks, kinds))
+        return
     if not _CHECKPOINT.value:
         raise app.UsageError("--checkpoint=DIR is required (a training workdir).")
     tasks = [int(t) for t in _TASKS.value.split(",") if t.strip()] or None
@@ -150,7 +317,12 @@ def main(argv):
         step=_STEP.value,
         batch_size=_BATCH.value,
         decode_temperature=_TEMPERATURE.value,
+        allow_dataset_mismatch=_ALLOW_MISMATCH.value,
     )
+    _print_results(results)
+
+
+def _print_results(results: dict) -> None:
     if _SUITE.value == "pixelref":
         from pixelvla_jax.envs.rollout import format_table
 
@@ -160,5 +332,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from pixelvla_jax import cli
+
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -43,6 +43,7 @@ import numpy as np
 
 from pixelvla_jax.data import normalization
 from pixelvla_jax.data import prompts as prompts_lib
+from pixelvla_jax.errors import InvalidInputError, UnknownNameError
 from pixelvla_jax.models.observation import Observation
 
 PROMPT_KINDS = prompts_lib.PROMPT_KINDS  # one vocabulary for data, policy and evaluation
@@ -91,6 +92,7 @@ class Policy:
         self.tokenizer_path = tokenizer_path
         self.step = step
         self.model_cfg = config_lib.model_config(cfg)
+        config_lib.check_tokenizer_fits(self.model_cfg, tokenizer=tokenizer_path)
         self.data_cfg = config_lib.data_config(cfg, tokenizer_path)
         self.model = PixelVLA(self.model_cfg, dtype=config_lib.compute_dtype(cfg))
         self.example_builder = ExampleBuilder(
@@ -129,17 +131,17 @@ class Policy:
         cfg = run.config
         if decode_temperature is not None:
             if cfg.model.head != "discrete":
-                raise ValueError(
+                raise InvalidInputError(
                     f"decode_temperature={decode_temperature} applies to the discrete head; "
                     f"{where} has head={cfg.model.head!r}."
                 )
             cfg.model.decode_temperature = float(decode_temperature)
         if dataset_name is None:
             if not run.dataset_names:
-                raise KeyError(f"{where} holds no dataset statistics.")
+                raise UnknownNameError(f"{where} holds no dataset statistics.")
             dataset_name = run.dataset_names[0]
         if dataset_name not in run.statistics:
-            raise KeyError(
+            raise UnknownNameError(
                 f"{where} has no statistics for dataset {dataset_name!r}; "
                 f"it has {sorted(run.statistics)}. Pass dataset_name= one of those."
             )
@@ -174,23 +176,28 @@ class Policy:
         pixel_masks: np.ndarray | None = None,
         prompt_kinds: Sequence[str] | None = None,
         seed: int = 0,
+        visual_prompts: Sequence[prompts_lib.VisualPrompt | None] | None = None,
+        first_index: int = 0,
     ) -> Observation:
-        """The model input of `act` (numpy leaves); see `act` for the arguments."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"Policy.act: images must be uint8 [B, H, W, 3], got {images.dtype} {images.shape}."
-            )
+        """The model input of `act` (numpy leaves); see `act` for the arguments.
+
+        `first_index`: row i draws its prompt with the rng (seed, first_index + i), so rows
+        preprocessed one at a time (a server) match the rows of one batched call.
+        """
+        images, pixel_masks = check_observation(images, instructions, pixel_masks)
         b = images.shape[0]
-        if len(instructions) != b:
-            raise ValueError(f"Policy.act: {len(instructions)} instructions for {b} images.")
-        if pixel_masks is not None:
-            pixel_masks = np.asarray(pixel_masks)
-            if pixel_masks.shape != images.shape[:3]:
-                raise ValueError(
-                    f"Policy.act: pixel_masks shape {pixel_masks.shape} does not match images "
-                    f"{images.shape}; give one [H, W] mask per image."
+        if visual_prompts is not None:
+            if len(visual_prompts) != b:
+                raise InvalidInputError(
+                    f"Policy.act: {len(visual_prompts)} visual_prompts for {b} images; give one "
+                    "per image (None where a sample has none)."
                 )
+            if prompt_kinds is None:  # an explicit prompt's own kind, else the default below
+                masked = [False] * b if pixel_masks is None else [m.any() for m in pixel_masks]
+                prompt_kinds = [
+                    vp.kind if vp is not None else ("mask" if m else "none")
+                    for vp, m in zip(visual_prompts, masked, strict=True)
+                ]
         if prompt_kinds is None:
             prompt_kinds = [
                 "mask" if pixel_masks is not None and pixel_masks[i].any() else "none"
@@ -208,13 +215,14 @@ class Policy:
                         images[i],
                         instructions[i],
                         None if pixel_masks is None else pixel_masks[i],
-                        rng=np.random.default_rng([seed, i]),
+                        rng=np.random.default_rng([seed, first_index + i]),
                         train=False,
                         prompt_kind=prompt_kinds[i],
+                        visual_prompt=None if visual_prompts is None else visual_prompts[i],
                     )
                 )
             except ValueError as err:
-                raise ValueError(f"Policy.act: sample {i}: {err}") from err
+                raise InvalidInputError(f"Policy.act: sample {i}: {err}") from err
         return Observation(
             **{
                 f.name: np.stack([e[f.name] for e in examples])
@@ -229,6 +237,7 @@ class Policy:
         pixel_masks: np.ndarray | None = None,
         prompt_kinds: Sequence[str] | str | None = None,
         seed: int = 0,
+        visual_prompts: Sequence[prompts_lib.VisualPrompt | None] | None = None,
     ) -> np.ndarray:
         """Predicts an action chunk per sample.
 
@@ -240,14 +249,101 @@ class Policy:
             "mask" where a non-empty mask is given, else "none".
           seed: seeds the visual prompts sampled from the masks and, for a discrete head
             with `decode_temperature` > 0, the sampled action tokens.
+          visual_prompts: per sample an explicit `data.prompts.VisualPrompt` (coordinates in
+            [0, 1] of the frame) or None; a sample's prompt kind is then its kind, and its
+            mask, if any, is the pixel input.
         Returns:
           float32 [B, N_c, A] unnormalised actions (gripper: 1 = open, 0 = closed).
         """
-        obs = self.preprocess(images, instructions, pixel_masks, prompt_kinds, seed)
+        obs = self.preprocess(
+            images, instructions, pixel_masks, prompt_kinds, seed, visual_prompts=visual_prompts
+        )
         rng = jax.random.key(seed)  # used only by a sampling discrete head
         normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs), rng)
         normed = np.asarray(jax.device_get(normed), np.float32)
         return unnormalize_actions(normed, self.statistics)
+
+    def predict(self, obs: Observation, seed: int = 0) -> np.ndarray:
+        """`act` on a ready model input (`preprocess`'s, possibly rows of several calls
+        stacked, as a server batches them) -> float32 [B, N_c, A] unnormalised actions."""
+        rng = jax.random.key(seed)  # used only by a sampling discrete head
+        normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs), rng)
+        return unnormalize_actions(np.asarray(jax.device_get(normed), np.float32), self.statistics)
+
+
+def check_observation(
+    images: Any, instructions: Any, pixel_masks: Any = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`Policy.act`'s inputs checked: (images, pixel_masks) as arrays, else InvalidInputError.
+
+    A policy that acts on a garbage observation moves a robot: every sample must be a
+    non-empty uint8 frame, a non-empty str instruction and (optionally) a binary mask.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise InvalidInputError(
+            f"Policy.act: images must be uint8 [B, H, W, 3], got {images.dtype} {images.shape}."
+        )
+    b, h, w = images.shape[:3]
+    if b == 0:
+        raise InvalidInputError("Policy.act: no samples (images has batch size 0).")
+    if h == 0 or w == 0:
+        raise InvalidInputError(
+            f"Policy.act: sample 0: the image is empty ({h}x{w} pixels, images {images.shape}); "
+            "give camera frames of at least 1x1 pixels."
+        )
+    if isinstance(instructions, str | bytes) or not isinstance(instructions, Sequence | np.ndarray):
+        raise InvalidInputError(
+            f"Policy.act: instructions must be a list of B={b} strings, got "
+            f"{type(instructions).__name__}; wrap a single instruction as [instruction] * B."
+        )
+    if len(instructions) != b:
+        raise InvalidInputError(f"Policy.act: {len(instructions)} instructions for {b} images.")
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str | bytes):
+            raise InvalidInputError(
+                f"Policy.act: sample {i}: the instruction is {type(text).__name__} "
+                f"({text!r}); give the task as a non-empty str, e.g. 'pick up the red block'."
+            )
+        if not (text.decode("utf-8", "replace") if isinstance(text, bytes) else text).strip():
+            raise InvalidInputError(
+                f"Policy.act: sample {i}: the instruction is empty ({text!r}); give the task "
+                "as a non-empty str, e.g. 'pick up the red block'."
+            )
+    if pixel_masks is None:
+        return images, None
+    pixel_masks = np.asarray(pixel_masks)
+    if pixel_masks.shape != images.shape[:3]:
+        raise InvalidInputError(
+            f"Policy.act: pixel_masks shape {pixel_masks.shape} does not match images "
+            f"{images.shape}; give one [H, W] mask per image."
+        )
+    kind = pixel_masks.dtype.kind
+    if kind not in "biuf":
+        raise InvalidInputError(
+            f"Policy.act: pixel_masks have dtype {pixel_masks.dtype}; give bool, or uint8 / "
+            "float with values in {0, 1}."
+        )
+    if kind == "b":
+        return images, pixel_masks
+    for i, mask in enumerate(pixel_masks):
+        if kind == "f" and not np.isfinite(mask).all():
+            raise InvalidInputError(
+                f"Policy.act: sample {i}: the pixel mask contains NaN or inf; give a binary "
+                "mask: bool, or uint8 / float with values in {0, 1}."
+            )
+        values = np.unique(mask)
+        if not np.isin(values, (0, 1)).all():
+            shown = ", ".join(str(v) for v in values[:6].tolist()) + (
+                ", ..." if len(values) > 6 else ""
+            )
+            raise InvalidInputError(
+                f"Policy.act: sample {i}: the pixel mask has values {{{shown}}}, not only 0 and 1; "
+                "give a binary mask: bool, or uint8 / float with values in {0, 1}. For instance "
+                "labels (0 = background, k = object k) pass `labels == k` for the target "
+                "object k; for a 0/255 image, `mask > 127`."
+            )
+    return images, pixel_masks
 
 
 _PREDICT_CACHE: dict[Any, Any] = {}

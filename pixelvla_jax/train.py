@@ -34,8 +34,10 @@ def main(argv):
         cfg.data.data_dir = _DATA_DIR.value
     history = experiment.train(cfg, _WORKDIR.value)
     if history:
-        print(f"finished: {len(history)} steps, last loss {history[-1]['loss']:.4f}")
+        print(f"ran {len(history)} steps in this run, last loss {history[-1]['loss']:.4f}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pixelvla_jax import cli
+
+    cli.run(main)

@@ -155,7 +155,7 @@ def build_step(
       mesh: default `mesh.make_mesh(config.mesh)` over all devices.
       donate: donate the state to the step (as training does).
     """
-    config_lib.validate_config(cfg)
+    config_lib.validate_config(cfg, model_cfg)
     model_cfg = model_cfg or config_lib.model_config(cfg)
     mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
     rules = sharding_lib.normalize_rules(cfg.sharding_rules)

@@ -39,6 +39,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pixelvla_jax.errors import MissingInputError
 from pixelvla_jax.weights.orbax_io import AssetsRestore, AssetsSave
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
     if epath.Path(path).is_dir() and any(p.name.isdigit() for p in epath.Path(path).iterdir()):
         return path
     shown = path if "://" in path else os.path.abspath(path)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"No checkpoints found at {shown}: expected a training workdir holding "
         "checkpoints/<step>/ (python -m pixelvla_jax.train --workdir=DIR) or that checkpoints/ "
         "directory itself."

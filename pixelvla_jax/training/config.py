@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixelvla_jax.data.config import DataConfig
+from pixelvla_jax.errors import PixelVLAError
 from pixelvla_jax.models import lora as lora_lib
 from pixelvla_jax.models import vit as vit_lib
 from pixelvla_jax.models.pixelvla import PixelVLAConfig
@@ -57,7 +61,7 @@ STAGE_POLICIES: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(PixelVLAError, ValueError):
     """A config that cannot run; raised before any data is read or anything compiles."""
 
 
@@ -116,17 +120,41 @@ class GeneratorSection:
 OPTIM_DEFAULTS = optimizer_lib.OptimConfig(lr=5e-4, warmup_steps=10, total_steps=0)
 
 # The data defaults of a training config. Inherited: action_chunk 0 = config.model.chunk_size
-# (with the L1 head any other value is an error).
+# (with the L1 head any other value is an error); image_size 0 = the model preset's input
+# size (any other value is an error: `validate_config`).
 DATA_DEFAULTS = dataclasses.replace(
-    DataConfig(), datasets=(("synthetic_libero", 1.0),), data_dir="data", action_chunk=0
+    DataConfig(),
+    datasets=(("synthetic_libero", 1.0),),
+    data_dir="data",
+    action_chunk=0,
+    image_size=0,
 )
 
 
+@functools.cache
+def preset_image_size(preset: str) -> int:
+    """The input image side of a model preset (`config.model.preset`)."""
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"config.model.preset={preset!r}; use one of {MODEL_PRESETS}.")
+    return getattr(PixelVLAConfig, preset)().image_size
+
+
+def _list_field(value: Any) -> ml_collections.FieldReference:
+    """A list-valued key that `--config.KEY=...` can override.
+
+    ml_collections' config_flags refuses to override a `list` field; a field declared with
+    type `object` is parsed as a Python literal instead (`--config.optim.freeze='[(".*",
+    "frozen")]'`), or kept as the string when it is not one (`--config.data.datasets=a:1,b`),
+    which `resolved` parses. Configs still assign plain lists to it.
+    """
+    return ml_collections.FieldReference(list(value), field_type=object)
+
+
 def _config_dict(section: Any) -> ml_collections.ConfigDict:
-    """The ConfigDict view of a dataclass section (its tuple fields as lists)."""
+    """The ConfigDict view of a dataclass section (its tuple fields as overridable lists)."""
     raw = dataclasses.asdict(section)
     return ml_collections.ConfigDict(
-        {k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}
+        {k: _list_field(v) if isinstance(v, tuple) else v for k, v in raw.items()}
     )
 
 
@@ -151,7 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = _config_dict(OPTIM_DEFAULTS)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.sharding_rules = [list(r) for r in sharding_lib.DEFAULT_RULES]
+    c.sharding_rules = _list_field([list(r) for r in sharding_lib.DEFAULT_RULES])
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 200
@@ -219,8 +247,13 @@ def _check_keys(cfg: Any, reference: Any, prefix: str) -> None:
         _check_keys(cfg[key], reference[key], f"{prefix}{key}.")
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for an unknown key or an impossible value (nothing is built)."""
+def validate_config(
+    cfg: ml_collections.ConfigDict, model_cfg: PixelVLAConfig | None = None
+) -> None:
+    """Raises ConfigError for an unknown key or an impossible value (nothing is built).
+
+    `model_cfg` overrides the model `cfg` describes (as `builder.build_step` takes it).
+    """
     _check_keys(cfg, base_config(), "")
     if cfg.stage not in STAGE_POLICIES:
         raise ConfigError(f"config.stage={cfg.stage!r}; use one of {sorted(STAGE_POLICIES)}.")
@@ -242,6 +275,56 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     resolved(cfg)  # an inherited knob that contradicts its source
     if cfg.train.num_steps < 1 or cfg.train.log_every < 1 or cfg.train.checkpoint_every < 1:
         raise ConfigError("config.train.num_steps, log_every and checkpoint_every must be >= 1.")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"config.data.batch_size={cfg.data.batch_size} must be >= 1.")
+    if not cfg.tokenizer.path and not cfg.init.openvla_checkpoint:  # a tiny one is trained
+        check_tokenizer_fits(
+            model_cfg or model_config(cfg),
+            cfg.tokenizer.tiny_vocab_size,
+            "config.tokenizer.tiny_vocab_size",
+        )
+    # Training and acting both resize frames to data.image_size: any other size than the
+    # model's input would train on one resampling and evaluate on another.
+    data_size = resolved(cfg).data.image_size
+    model_size = (model_cfg or model_config(cfg)).image_size
+    if data_size != model_size:
+        raise ConfigError(
+            f"config.data.image_size={data_size} differs from the model's input size "
+            f"{model_size} (config.model.preset={cfg.model.preset!r}); set "
+            f"config.data.image_size={model_size} or 0 (inherit it), or a config.model.preset "
+            "of that size. To train on larger source frames, set "
+            "config.data_generator.image_size (generated data) and let the pipeline resize."
+        )
+
+
+def check_tokenizer_fits(
+    model_cfg: PixelVLAConfig, vocab_size: int | None = None, tokenizer: str = ""
+) -> None:
+    """Raises ConfigError if a tokenizer's ids exceed the text vocabulary the model embeds.
+
+    Ids past `model_cfg.tokenizer_vocab_size` index padding rows of the embedding table, or
+    past it (a NaN loss), and collide with the discrete head's action tokens.
+
+    Args:
+      model_cfg: the model.
+      vocab_size: the tokenizer's number of pieces (None: read from the file `tokenizer`).
+      tokenizer: the tokenizer's .model path, or where its size is set (for the message).
+    """
+    if vocab_size is None:
+        from pixelvla_jax.data.tokenizer import Tokenizer
+
+        vocab_size = Tokenizer(tokenizer).vocab_size
+    limit = model_cfg.tokenizer_vocab_size
+    if vocab_size > limit:
+        raise ConfigError(
+            f"The tokenizer ({tokenizer}) has {vocab_size} pieces but the model embeds a text "
+            f"vocabulary of {limit} (embedding table: {model_cfg.llama.vocab_size} rows, "
+            f"llama.vocab_size; text vocabulary: tokenizer_vocab_size of "
+            "config.model.preset): larger ids would read padding rows or past the table "
+            f"(a NaN loss). Use a tokenizer of at most {limit} pieces "
+            "(config.tokenizer.tiny_vocab_size, or another config.tokenizer.path) or a "
+            "config.model.preset built for this tokenizer."
+        )
 
 
 def _merged(defaults: Any, section: Any, prefix: str) -> dict[str, Any]:
@@ -263,6 +346,134 @@ def _merged(defaults: Any, section: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
+DATASETS_SYNTAX = (
+    "a list of (name, weight) pairs in a config file; on the command line "
+    "--config.data.datasets=libero_spatial_no_noops:1,libero_object_no_noops:0.5 "
+    "(name:weight pairs separated by commas, the weight optional: 1)"
+)
+
+
+def parse_datasets(value: Any) -> list[tuple[str, float]]:
+    """`config.data.datasets` as [(name, weight), ...]. Accepts a list whose items are
+    (name, weight) pairs or bare names (weight 1), a {name: weight} mapping, or the
+    command line's string "name:weight,name,..." (weight optional, 1). Weights must be
+    finite and > 0. Raises ConfigError naming the malformed part."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(
+            f"config.data.datasets={value!r}: {what}. Write it as {DATASETS_SYNTAX}."
+        )
+
+    def weight_of(name: str, weight: Any) -> float:
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise bad(f"the weight of {name!r} is {weight!r}, not a number") from None
+        if not math.isfinite(w) or w <= 0:
+            raise bad(f"the weight of {name!r} is {weight!r}; weights must be > 0")
+        return w
+
+    def checked_name(name: Any) -> str:
+        if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+            raise bad(f"{name!r} is not a dataset name")
+        return name
+
+    if isinstance(value, str):
+        entries = [e.strip() for e in value.split(",")]
+        if any(not e for e in entries):
+            raise bad("an empty entry (two commas, or a leading or trailing comma)")
+        pairs = []
+        for entry in entries:
+            name, sep, weight = entry.partition(":")
+            if sep and not weight.strip():
+                raise bad(f"{entry!r} has a ':' but no weight")
+            pairs.append((name.strip(), weight.strip() if sep else 1.0))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple):
+        pairs = []
+        for item in value:
+            if isinstance(item, str):
+                pairs.append((item, 1.0))
+            elif isinstance(item, list | tuple) and len(item) == 2:
+                pairs.append(tuple(item))
+            else:
+                raise bad(f"the entry {item!r} is neither a name nor a (name, weight) pair")
+    else:
+        raise bad(f"a {type(value).__name__} is not a list of datasets")
+    if not pairs:
+        raise bad("no dataset")
+    out = [(checked_name(name), weight_of(name, weight)) for name, weight in pairs]
+    names = [name for name, _ in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise bad(f"{repeated} listed more than once; give each dataset once with its weight")
+    return out
+
+
+def _literal_hint(key: str, example: str) -> str:
+    return f"On the command line write it as a Python literal: --config.{key}='{example}'."
+
+
+def _parse_freeze(value: Any) -> list[list[str]]:
+    """`config.optim.freeze` as [[regex, "trained" | "frozen"], ...]."""
+    example = '[(".*vision.*", "frozen")]'
+    if not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"config.optim.freeze={value!r} is not a list of (regex, label) pairs. "
+            + _literal_hint("optim.freeze", example)
+        )
+    rules = []
+    for rule in value:
+        if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(
+                f"config.optim.freeze: the rule {rule!r} is not a (regex, label) pair. "
+                + _literal_hint("optim.freeze", example)
+            )
+        regex, label = rule
+        if label not in (TRAINED, FROZEN):
+            raise ConfigError(
+                f"config.optim.freeze: the rule {rule!r} has label {label!r}; use "
+                f"{TRAINED!r} or {FROZEN!r}."
+            )
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ConfigError(
+                f"config.optim.freeze: {regex!r} is not a valid regex ({e})."
+            ) from None
+        rules.append([regex, label])
+    return rules
+
+
+def _parse_regexes(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(r, str) for r in value):
+        raise ConfigError(
+            f"config.{key}={value!r} is not a list of regexes. "
+            + _literal_hint(key, '["(.*/)?bias", ".*norm.*"]')
+        )
+    for regex in value:
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ConfigError(f"config.{key}: {regex!r} is not a valid regex ({e}).") from None
+    return list(value)
+
+
+def _parse_sharding_rules(value: Any) -> list[list[Any]]:
+    example = '[("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor")]'
+    if not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"config.sharding_rules={value!r} is not a list of (logical_name, mesh_axes) "
+            "pairs. " + _literal_hint("sharding_rules", example)
+        )
+    try:
+        rules = sharding_lib.normalize_rules(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from None
+    return [list(rule) for rule in rules]
+
+
 def resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `cfg` whose `model`, `optim`, `data` and `data_generator` sections hold every
     key (defaults for those a saved config lacks) and every inherited knob resolved; the one
@@ -270,18 +481,31 @@ def resolved(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
         optim.total_steps          0 -> train.num_steps
         data.action_chunk          0 -> model.chunk_size (L1 head: any other value is an error)
+        data.image_size            0 -> the model preset's input size
         data_generator.image_size  0 -> data.image_size
 
-    Raises ConfigError for an unknown key in those sections or a contradiction.
+    and list-valued keys parsed: `data.datasets` (`parse_datasets`: also the command line's
+    "name:weight,..." string) to (name, weight) pairs; `optim.freeze`, `optim.no_decay` and
+    `sharding_rules` checked (a command-line override is a Python literal).
+
+    Raises ConfigError for an unknown key in those sections, a malformed value or a
+    contradiction.
     """
     out = ml_collections.ConfigDict(cfg.to_dict())
     model = _merged(ModelSection(), cfg.model, "model.")
     optim = _merged(OPTIM_DEFAULTS, cfg.optim, "optim.")
     data = _merged(DATA_DEFAULTS, cfg.data, "data.")
+    data["datasets"] = parse_datasets(data["datasets"])
+    optim["freeze"] = _parse_freeze(optim["freeze"])
+    optim["no_decay"] = _parse_regexes(optim["no_decay"], "optim.no_decay")
+    if "sharding_rules" in cfg:
+        out.sharding_rules = _parse_sharding_rules(cfg.sharding_rules)
     if optim["total_steps"] == 0:
         optim["total_steps"] = cfg.train.num_steps
     if data["action_chunk"] == 0:
         data["action_chunk"] = model["chunk_size"]
+    if data["image_size"] == 0:
+        data["image_size"] = preset_image_size(model["preset"])
     if model["head"] == "l1" and data["action_chunk"] != model["chunk_size"]:
         raise ConfigError(
             f"config.data.action_chunk={data['action_chunk']} must equal "
@@ -369,7 +593,7 @@ def freeze_rules(cfg: ml_collections.ConfigDict) -> tuple[list, str]:
     """(rules, default) of the stage, after any rules given in `config.optim.freeze`
     (first match wins); with the L1 head, the unused LM head is frozen after those."""
     rules, default = STAGE_POLICIES[cfg.stage]
-    given = _merged(OPTIM_DEFAULTS, cfg.optim, "optim.")["freeze"]
+    given = _parse_freeze(_merged(OPTIM_DEFAULTS, cfg.optim, "optim.")["freeze"])
     unused = list(UNUSED_BY_L1) if model_section(cfg).head == "l1" else []
     return [tuple(r) for r in given] + unused + list(rules), default
 

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-from typing import Any
+import signal
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import ml_collections
 
+from pixelvla_jax import paths
 from pixelvla_jax.data import generators as generators_lib
 from pixelvla_jax.data import pipeline as pipeline_lib
+from pixelvla_jax.errors import PixelVLAError
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
 from pixelvla_jax.training import builder as builder_lib
 from pixelvla_jax.training import checkpoint as checkpoint_lib
@@ -36,20 +41,57 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     """Path of the sentencepiece model: configured, the OpenVLA checkpoint's, or a tiny one."""
     from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
 
-    if cfg.tokenizer.path:
-        if not os.path.exists(cfg.tokenizer.path):
+    if cfg.tokenizer.path:  # paths may be URLs (gs://...): checked through epath
+        if not paths.as_path(cfg.tokenizer.path).exists():
             raise FileNotFoundError(f"config.tokenizer.path={cfg.tokenizer.path} does not exist.")
         return cfg.tokenizer.path
     if cfg.init.openvla_checkpoint:
         path = os.path.join(cfg.init.openvla_checkpoint, "tokenizer.model")
-        if not os.path.exists(path):
+        if not paths.as_path(path).exists():
             raise FileNotFoundError(f"No tokenizer.model in {cfg.init.openvla_checkpoint}.")
         return path
     path = os.path.join(workdir, f"tokenizer_tiny_{cfg.tokenizer.tiny_vocab_size}.model")
-    if not os.path.exists(path) and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+    # Deterministic and written atomically: a host that does not see process 0's copy (no
+    # shared workdir) makes the same file itself (`setup` lets process 0 go first).
+    if not paths.as_path(path).exists():
+        paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
         train_tiny_tokenizer(path, vocab_size=cfg.tokenizer.tiny_vocab_size)
     return path
+
+
+_T = TypeVar("_T")
+
+
+def process_zero_first(fn: Callable[[], _T], name: str) -> _T:
+    """Runs `fn` on process 0, then (after a barrier) on every other process.
+
+    For steps that write shared files when they are missing (a generated dataset, the tiny
+    tokenizer): the other hosts then find them complete instead of racing to write or reading
+    half-written ones; on hosts without a shared file system they make their own copy.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if jax.process_index() == 0 else None
+    # A failure on process 0 raises there; the others then fail at this barrier.
+    multihost_utils.sync_global_devices(name)
+    return result if jax.process_index() == 0 else fn()
+
+
+class TrainingDiverged(PixelVLAError, RuntimeError):
+    """The loss or gradient norm became NaN/Inf; raised by `run` at the first fetch that sees it.
+
+    The checkpoint of that step is not written: the newest checkpoint is the last one whose
+    steps were all finite. The message names the step and that checkpoint.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int, last_checkpoint: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
 
 
 # ---------------------------------------------------------------------------- run
@@ -84,8 +126,13 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
     """Builds data, model, sharded train state (restored when the workdir has a checkpoint,
     else initialised and then loaded by the `config.init` weight loaders in order)."""
     step = builder_lib.build_step(cfg)  # validates the config before anything is written
-    generators_lib.ensure_data(config_lib.resolved(cfg))  # inherited sizes filled in
-    tokenizer_path = resolve_tokenizer(cfg, workdir)
+
+    def prepare_inputs() -> str:
+        generators_lib.ensure_data(config_lib.resolved(cfg))  # inherited sizes filled in
+        return resolve_tokenizer(cfg, workdir)
+
+    tokenizer_path = process_zero_first(prepare_inputs, "pixelvla_prepare_inputs")
+    config_lib.check_tokenizer_fits(step.model_cfg, tokenizer=tokenizer_path)
     dcfg = config_lib.data_config(cfg, tokenizer_path)
     sources, statistics = pipeline_lib.build_sources(dcfg)
     val_dataset = None
@@ -136,7 +183,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
         train_step=step.train_step,
         data_iter=data_iter,
         statistics=list(statistics),
-        dataset_names=[n for n, _ in cfg.data.datasets],
+        dataset_names=[n for n, _ in dcfg.datasets],
         tokenizer_path=tokenizer_path,
         checkpointer=checkpointer,
         start_step=start_step,
@@ -173,7 +220,7 @@ def save_checkpoint(exp: Experiment, step: int) -> None:
         dataset_statistics=stats,
         metadata={
             # Where it came from (provenance); loading reads the copy in assets/.
-            "tokenizer": tokenizer if "://" in tokenizer else os.path.abspath(tokenizer),
+            "tokenizer": paths.absolute(tokenizer),
             "datasets": exp.dataset_names,
             "model_preset": exp.cfg.model.preset,
         },
@@ -182,14 +229,72 @@ def save_checkpoint(exp: Experiment, step: int) -> None:
     )
 
 
-def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]]:
+# Metrics that must stay finite; checked for every step at each fetch (`run`).
+FINITE_METRICS = ("loss", "grad_norm")
+
+
+def _non_finite(metrics: dict[str, float]) -> list[str]:
+    return [
+        f"{k}={metrics[k]}"
+        for k in FINITE_METRICS
+        if k in metrics and not math.isfinite(metrics[k])
+    ]
+
+
+def _diverged(exp: Experiment, step: int, bad: list[str], checked_at: int) -> TrainingDiverged:
+    exp.checkpointer.wait_until_finished()  # saves started before are of finite states
+    last = exp.checkpointer.latest_complete_step()
+    kept = (
+        f"the newest checkpoint is step {last} in {exp.checkpointer.directory}; rerunning the "
+        f"command resumes from it"
+        if last is not None
+        else "no checkpoint was saved before it; rerunning starts from the beginning"
+    )
+    return TrainingDiverged(
+        f"Training diverged at step {step}: {', '.join(bad)} (found when the metrics of steps up "
+        f"to {checked_at} were fetched). The state of that step was not saved: {kept}. Lower "
+        "config.optim.lr, raise config.optim.warmup_steps or lower config.optim.clip_grad_norm "
+        "before rerunning, or the same steps diverge again.",
+        step=step,
+        last_checkpoint=last,
+    )
+
+
+def run(
+    exp: Experiment,
+    stop_after: int | None = None,
+    preemption: PreemptionHandler | None = None,
+) -> list[dict[str, float]]:
     """Trains from `exp.start_step` to `config.train.num_steps` (or `stop_after` steps).
 
     Returns the metrics of every step (host floats). Saves a checkpoint every
-    `checkpoint_every` steps, at the end, and when SIGTERM arrives (then returns early).
-    Logged throughput (`steps_per_s`, `tokens_per_s`, `mfu`) counts the steps run since the
-    previous log and leaves out the time spent in validation and checkpointing.
+    `checkpoint_every` steps and at the end. Logged throughput (`steps_per_s`,
+    `tokens_per_s`, `mfu`) counts the steps run since the previous log and leaves out the
+    time spent in validation and checkpointing.
+
+    Metrics stay on the device until a log / eval / checkpoint / stop step fetches them;
+    each fetch checks the loss and gradient norm of every step since the previous one. A
+    NaN or Inf raises `TrainingDiverged` naming the first bad step (so within one
+    `log_every` interval), and the checkpoint due at the fetching step is not written: the
+    newest checkpoint stays the last one of a finite state.
+
+    SIGTERM or SIGINT (`preemption`, by default a handler installed here for the duration):
+    the loop stops after the step in flight and saves it (unless that step was just saved),
+    then returns early; a signal that arrived before the first step (during setup) stops the
+    run before it, with nothing new to save. On several hosts the stop step is agreed on
+    (see `PreemptionHandler.should_stop`).
     """
+    handler = preemption if preemption is not None else PreemptionHandler(install=True)
+    try:
+        return _run(exp, stop_after, handler)
+    finally:
+        if preemption is None:
+            handler.uninstall()
+
+
+def _run(
+    exp: Experiment, stop_after: int | None, preemption: PreemptionHandler
+) -> list[dict[str, float]]:
     cfg = exp.cfg
     end = cfg.train.num_steps if stop_after is None else min(cfg.train.num_steps, stop_after)
     peak = cfg.train.peak_flops
@@ -209,18 +314,22 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
     # the host dispatches step k + 1 (and prepares its batch) while step k computes.
     pending: list[Any] = []
 
-    def fetch_pending() -> None:
+    def fetch_pending(step: int) -> None:
+        """Moves the pending metrics to `history`; raises if a step among them diverged."""
         for metrics in jax.device_get(pending):
             history.append({k: float(v) for k, v in metrics.items()})
+            bad = _non_finite(history[-1])
+            if bad:
+                pending.clear()
+                writer.close()
+                raise _diverged(exp, exp.start_step + len(history), bad, step)
         pending.clear()
 
     step = exp.start_step
+    stopped = preemption.should_stop(step, sync=True)  # a signal during setup
     timer = metrics_lib.ThroughputTimer()
-    with (
-        PreemptionHandler(install=True) as preemption,
-        sharding_lib.sharding_context(exp.mesh, exp.rules),
-    ):
-        while step < end:
+    with sharding_lib.sharding_context(exp.mesh, exp.rules):
+        while step < end and not stopped:
             batch = sharding_lib.shard_batch(next(exp.data_iter), exp.mesh, exp.rules)
             exp.state, metrics = exp.train_step(exp.state, batch)
             step += 1
@@ -229,17 +338,19 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
             validate = exp.val_dataset is not None and (
                 step % cfg.train.eval_every == 0 or step == end
             )
-            log = step % cfg.train.log_every == 0 or step == end
-            stop = preemption.should_stop(step)
-            save = step % cfg.train.checkpoint_every == 0 or step == end or stop
-            if not (validate or log or save):
+            log_step = step % cfg.train.log_every == 0 or step == end
+            save = step % cfg.train.checkpoint_every == 0 or step == end
+            # Hosts exchange stop flags at steps that wait for the device anyway.
+            stopped = preemption.should_stop(step, sync=validate or log_step or save)
+            save = save or stopped
+            if not (validate or log_step or save):
                 continue
-            fetch_pending()  # waits for the step: the window ends when the device is done
+            fetch_pending(step)  # waits for the step: the window ends when the device is done
             host = history[-1]
             if validate:
                 with timer.paused():
                     host.update(validation_metrics(exp))
-            if log:
+            if log_step:
                 window = timer.lap()
                 if window.seconds_per_step is not None:
                     host["steps_per_s"] = window.steps_per_s
@@ -251,23 +362,56 @@ def run(exp: Experiment, stop_after: int | None = None) -> list[dict[str, float]
                             flops, window.seconds_per_step, peak * len(jax.devices())
                         )
                 writer.write_scalars(step, host)
+                if not cfg.train.progress:  # no bar (a pod's log, a test): one line per log step
+                    log.info(
+                        "step %d: loss %.5g, grad_norm %.4g",
+                        step,
+                        host["loss"],
+                        host.get("grad_norm", float("nan")),
+                    )
             if save:
                 with timer.paused():
                     save_checkpoint(exp, step)
-            if stop:
-                break
-    fetch_pending()
+    fetch_pending(step)
     exp.checkpointer.wait_until_finished()
     writer.close()
+    if stopped:
+        how = (
+            signal.Signals(preemption.received_signal).name
+            if preemption.received_signal
+            else "a stop request on another host"
+        )
+        if step > exp.start_step:
+            log.warning(
+                "Stopped by %s after step %d; checkpoint %d saved in %s. Rerun the same command "
+                "to resume.",
+                how,
+                step,
+                step,
+                exp.checkpointer.directory,
+            )
+        else:
+            log.warning(
+                "Stopped by %s before the first step (step %d); nothing new to save. Rerun the "
+                "same command to resume.",
+                how,
+                step,
+            )
     exp.start_step = step
     return history
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict[str, float]]:
-    """Sets up (resuming if `workdir` has checkpoints) and trains; returns per-step metrics."""
+    """Sets up (resuming if `workdir` has checkpoints) and trains; returns per-step metrics.
+
+    SIGTERM and SIGINT are handled from the start of setup on (after the multi-host runtime
+    starts): they stop the run cleanly (see `run`) instead of killing it. A second SIGINT
+    interrupts at once (KeyboardInterrupt).
+    """
     mesh_lib.maybe_initialize_distributed()
-    exp = setup(cfg, workdir)
-    try:
-        return run(exp)
-    finally:
-        exp.checkpointer.close()
+    with PreemptionHandler() as preemption:
+        exp = setup(cfg, workdir)
+        try:
+            return run(exp, preemption=preemption)
+        finally:
+            exp.checkpointer.close()

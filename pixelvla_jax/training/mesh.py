@@ -105,16 +105,55 @@ def is_multi_host_environment() -> bool:
     return False
 
 
+def distributed_arguments_from_env(env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """`jax.distributed.initialize` arguments from `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (the variables the README documents for GPU
+    clusters and for several processes on one machine); empty when none is set (Cloud TPU,
+    SLURM and Open MPI are detected by JAX itself)."""
+    env = os.environ if env is None else env
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    given = {name: env.get(name, "") for name in names if env.get(name, "")}
+    if not given:
+        return {}
+    if len(given) != len(names):
+        missing = [name for name in names if name not in given]
+        raise ValueError(
+            f"Multi-process environment incomplete: {sorted(given)} set but {missing} not. Set "
+            "all three: JAX_COORDINATOR_ADDRESS=host:port (process 0's address), "
+            "JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=0..N-1 (a different one per process)."
+        )
+    try:
+        num_processes = int(given["JAX_NUM_PROCESSES"])
+        process_id = int(given["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ValueError(
+            f"JAX_NUM_PROCESSES={given['JAX_NUM_PROCESSES']!r} and "
+            f"JAX_PROCESS_ID={given['JAX_PROCESS_ID']!r} must be integers."
+        ) from None
+    if not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"JAX_PROCESS_ID={process_id} is outside [0, JAX_NUM_PROCESSES={num_processes})."
+        )
+    return {
+        "coordinator_address": given["JAX_COORDINATOR_ADDRESS"],
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+
+
 def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
     """Calls `jax.distributed.initialize()` once when running as one process per host.
 
     Must run before anything touches devices. On Cloud TPU no arguments are needed; on
-    GPU clusters pass `coordinator_address`, `num_processes`, `process_id` via `kwargs`
-    (or set `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
+    GPU clusters, or several processes on one machine, pass `coordinator_address`,
+    `num_processes`, `process_id` via `kwargs` or set `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`. CPU-only processes exchange collectives over
+    Gloo (TCP), so several processes on one machine form one job with
+    `JAX_PLATFORMS=cpu` (the multi-host tests run that way).
 
     Args:
       force: True -> always initialise; False -> never; None -> detect from environment.
-      **kwargs: passed to `jax.distributed.initialize`.
+      **kwargs: passed to `jax.distributed.initialize` (they win over the environment).
 
     Returns:
       Whether the distributed runtime was initialised by this call.
@@ -124,6 +163,12 @@ def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
         return False
     if jax.distributed.is_initialized():
         return False
+    kwargs = {**distributed_arguments_from_env(), **kwargs}
+    # Without CPU collectives every cross-process computation fails; Gloo needs nothing but
+    # the coordinator (older JAX versions default to none).
+    cpu_only = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    if cpu_only and not jax.config.jax_cpu_collectives_implementation:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info(
         "jax.distributed initialised: process %d of %d, %d local / %d global devices",
