@@ -162,33 +162,52 @@ def evaluate(
             step=run.step,
             dataset_name=fitting[0] if fitting else None,
         )
-    from pixelvla_jax.envs import rollout
-    from pixelvla_jax.envs.pixelref import PixelRefEnv
     from pixelvla_jax.policy import Policy
 
-    if pixel_input == "none":
-        prompt_kinds = ("none",)
-    elif pixel_input != "oracle":
-        raise InvalidInputError(
-            f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
-        )
+    prompt_kinds = _pixelref_prompt_kinds(pixel_input, prompt_kinds)
     policy = Policy.from_checkpoint(
         checkpoint,
         step=run.step,
         dataset_name=fitting[0] if fitting else None,
         decode_temperature=decode_temperature,
     )
+    title = f"PixelRef, {os.path.basename(paths.absolute(checkpoint).rstrip('/'))}"
+    return _evaluate_pixelref(
+        policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title
+    )
+
+
+def _pixelref_prompt_kinds(pixel_input: str, prompt_kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """The prompt kinds a PixelRef evaluation runs: all asked for with oracle masks, only
+    "none" without pixel inputs; PixelRef has no precomputed-mask files."""
+    if pixel_input == "none":
+        return ("none",)
+    if pixel_input != "oracle":
+        raise InvalidInputError(
+            f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
+        )
+    return tuple(prompt_kinds)
+
+
+def _evaluate_pixelref(
+    policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title
+) -> dict:
+    """The PixelRef evaluation of a local `Policy` or a served `RemotePolicy`: the same
+    seeded episodes, prompts and reports."""
+    from pixelvla_jax.envs import rollout
+    from pixelvla_jax.envs.pixelref import PixelRefEnv
+
     return rollout.evaluate_policy(
         policy,
         PixelRefEnv,
         num_episodes=trials,
-        prompt_kinds=tuple(prompt_kinds),
+        prompt_kinds=prompt_kinds,
         replan=replan,
         seed=seed,
         out_dir=out_dir,
         videos=videos,
         batch_size=batch_size,
-        title=f"PixelRef, {os.path.basename(paths.absolute(checkpoint).rstrip('/'))}",
+        title=title,
     )
 
 
@@ -220,12 +239,8 @@ def evaluate_on_server(
         raise UnknownNameError(f"unknown suite {suite!r}; use one of {SUITES}.")
     if not out_dir:
         raise InvalidInputError("--server needs --out=DIR (there is no checkpoint to write under).")
-    if pixel_input == "none":
-        prompt_kinds = ("none",)
-    elif suite == "pixelref" and pixel_input != "oracle":
-        raise InvalidInputError(
-            f"--pixel_input={pixel_input!r}: PixelRef renders exact masks; use oracle or none."
-        )
+    if suite == "pixelref":
+        prompt_kinds = _pixelref_prompt_kinds(pixel_input, prompt_kinds)
     policy = RemotePolicy(server, connections=connections, api_key=api_key)
     try:
         served = policy.dataset_name
@@ -240,21 +255,10 @@ def evaluate_on_server(
             return libero_eval.run(
                 policy, suite, tasks, trials, out_dir, pixel_input, replan, workers, videos, seed
             )
-        from pixelvla_jax.envs import rollout
-        from pixelvla_jax.envs.pixelref import PixelRefEnv
-
-        return rollout.evaluate_policy(
-            policy,
-            PixelRefEnv,
-            num_episodes=trials,
-            prompt_kinds=tuple(prompt_kinds),
-            replan=replan,
-            seed=seed,
-            out_dir=out_dir,
-            videos=videos,
-            batch_size=batch_size,
-            title=f"PixelRef, {server}",
-        )
+        return _evaluate_pixelref(
+            policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size,
+            f"PixelRef, {server}",
+        )  # fmt: skip
     finally:
         policy.close()
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import signal
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import ml_collections
@@ -23,7 +21,6 @@ import ml_collections
 from pixelvla_jax import paths
 from pixelvla_jax.data import generators as generators_lib
 from pixelvla_jax.data import pipeline as pipeline_lib
-from pixelvla_jax.errors import PixelVLAError
 from pixelvla_jax.models.pixelvla import PixelVLA, PixelVLAConfig
 from pixelvla_jax.training import builder as builder_lib
 from pixelvla_jax.training import checkpoint as checkpoint_lib
@@ -32,6 +29,7 @@ from pixelvla_jax.training import mesh as mesh_lib
 from pixelvla_jax.training import metrics as metrics_lib
 from pixelvla_jax.training import sharding as sharding_lib
 from pixelvla_jax.training import weight_loaders as weight_loaders_lib
+from pixelvla_jax.training.metrics import TrainingDiverged
 from pixelvla_jax.training.preemption import PreemptionHandler
 
 log = logging.getLogger(__name__)
@@ -57,41 +55,6 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict, workdir: str) -> str:
         paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
         train_tiny_tokenizer(path, vocab_size=cfg.tokenizer.tiny_vocab_size)
     return path
-
-
-_T = TypeVar("_T")
-
-
-def process_zero_first(fn: Callable[[], _T], name: str) -> _T:
-    """Runs `fn` on process 0, then (after a barrier) on every other process.
-
-    For steps that write shared files when they are missing (a generated dataset, the tiny
-    tokenizer): the other hosts then find them complete instead of racing to write or reading
-    half-written ones; on hosts without a shared file system they make their own copy.
-    """
-    if jax.process_count() == 1:
-        return fn()
-    from jax.experimental import multihost_utils
-
-    result = fn() if jax.process_index() == 0 else None
-    # A failure on process 0 raises there; the others then fail at this barrier.
-    multihost_utils.sync_global_devices(name)
-    return result if jax.process_index() == 0 else fn()
-
-
-class TrainingDiverged(PixelVLAError, RuntimeError):
-    """The loss or gradient norm became NaN/Inf; raised by `run` at the first fetch that sees it.
-
-    The checkpoint of that step is not written: the newest checkpoint is the last one whose
-    steps were all finite. The message names the step and that checkpoint.
-    """
-
-    exit_code = 3
-
-    def __init__(self, message: str, step: int, last_checkpoint: int | None):
-        super().__init__(message)
-        self.step = step
-        self.last_checkpoint = last_checkpoint
 
 
 # ---------------------------------------------------------------------------- run
@@ -131,7 +94,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
         generators_lib.ensure_data(config_lib.resolved(cfg))  # inherited sizes filled in
         return resolve_tokenizer(cfg, workdir)
 
-    tokenizer_path = process_zero_first(prepare_inputs, "pixelvla_prepare_inputs")
+    tokenizer_path = mesh_lib.process_zero_first(prepare_inputs, "pixelvla_prepare_inputs")
     config_lib.check_tokenizer_fits(step.model_cfg, tokenizer=tokenizer_path)
     dcfg = config_lib.data_config(cfg, tokenizer_path)
     sources, statistics = pipeline_lib.build_sources(dcfg)
@@ -229,18 +192,6 @@ def save_checkpoint(exp: Experiment, step: int) -> None:
     )
 
 
-# Metrics that must stay finite; checked for every step at each fetch (`run`).
-FINITE_METRICS = ("loss", "grad_norm")
-
-
-def _non_finite(metrics: dict[str, float]) -> list[str]:
-    return [
-        f"{k}={metrics[k]}"
-        for k in FINITE_METRICS
-        if k in metrics and not math.isfinite(metrics[k])
-    ]
-
-
 def _diverged(exp: Experiment, step: int, bad: list[str], checked_at: int) -> TrainingDiverged:
     exp.checkpointer.wait_until_finished()  # saves started before are of finite states
     last = exp.checkpointer.latest_complete_step()
@@ -318,7 +269,7 @@ def _run(
         """Moves the pending metrics to `history`; raises if a step among them diverged."""
         for metrics in jax.device_get(pending):
             history.append({k: float(v) for k, v in metrics.items()})
-            bad = _non_finite(history[-1])
+            bad = metrics_lib.non_finite(history[-1])
             if bad:
                 pending.clear()
                 writer.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -178,3 +179,23 @@ def maybe_initialize_distributed(force: bool | None = None, **kwargs) -> bool:
         jax.device_count(),
     )
     return True
+
+
+_T = TypeVar("_T")
+
+
+def process_zero_first(fn: Callable[[], _T], name: str) -> _T:
+    """Runs `fn` on process 0, then (after a barrier) on every other process.
+
+    For steps that write shared files when they are missing (a generated dataset, the tiny
+    tokenizer): the other hosts then find them complete instead of racing to write or reading
+    half-written ones; on hosts without a shared file system they make their own copy.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result = fn() if jax.process_index() == 0 else None
+    # A failure on process 0 raises there; the others then fail at this barrier.
+    multihost_utils.sync_global_devices(name)
+    return result if jax.process_index() == 0 else fn()

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelvla_jax.errors import PixelVLAError
 from pixelvla_jax.training.param_rules import TRAINED, path_str
 
 
@@ -292,3 +293,30 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TrainingDiverged(PixelVLAError, RuntimeError):
+    """The loss or gradient norm became NaN/Inf; raised by `run` at the first fetch that sees it.
+
+    The checkpoint of that step is not written: the newest checkpoint is the last one whose
+    steps were all finite. The message names the step and that checkpoint.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int, last_checkpoint: int | None):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+# Metrics that must stay finite; checked for every step at each fetch (`run`).
+FINITE_METRICS = ("loss", "grad_norm")
+
+
+def non_finite(metrics: dict[str, float]) -> list[str]:
+    return [
+        f"{k}={metrics[k]}"
+        for k in FINITE_METRICS
+        if k in metrics and not math.isfinite(metrics[k])
+    ]
