@@ -67,7 +67,10 @@ case "$CMD" in
     [[ -n "$jax_version" ]] || { echo "no 'jax>=' requirement in $here/setup.cfg" >&2; exit 2; }
     run gcloud compute tpus tpu-vm scp --recurse "$here" "$TPU_NAME:~/$REMOTE_DIR" \
       --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all
-    on_all_workers "cd ~/$REMOTE_DIR && pip install -U pip && pip install -e . 'jax[tpu]==$jax_version' -c constraints.txt"
+    # The tested jax and numpy need Python >= 3.11 (tpu-ubuntu2204-base ships 3.10): say so
+    # on the worker instead of letting pip fail on an unsatisfiable requirement.
+    py_check="python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo 'pixelvla_jax needs Python >= 3.11 on the TPU VM: install it (e.g. python3.11 + venv) or use a newer runtime' >&2; exit 1; }"
+    on_all_workers "$py_check && cd ~/$REMOTE_DIR && pip install -U pip && pip install -e . 'jax[tpu]==$jax_version' -c constraints.txt"
     ;;
   train)
     : "${WORKDIR:?set WORKDIR=gs://... (checkpoints and logs are written there)}"
