@@ -24,6 +24,7 @@ complex pairs), so HF q/k weights load without permutation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,22 @@ import jax.numpy as jnp
 from pixelvla_jax.models.lora import Dense, LoRARules
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1's RoPE frequency scaling (HF `rope_type` "llama3").
+
+    Wavelengths shorter than original_max_position_embeddings / high_freq_factor keep their
+    frequency, those longer than original_max_position_embeddings / low_freq_factor are
+    divided by `factor`, and the band in between is interpolated smoothly (as transformers'
+    `_compute_llama3_parameters`).
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +71,7 @@ class LlamaConfig:
       lora_rules: (regex, LoRAConfig) pairs over module paths, e.g. `.*/(q_proj|v_proj)`.
       remat: rematerialise each block in the backward pass.
       scan_layers: scan over one stacked block (fast compile, params on a "layers" axis).
+      rope_scaling: None (plain RoPE, HF rope_type "default") or a Llama3RopeScaling.
     """
 
     vocab_size: int = 32064
@@ -69,6 +87,7 @@ class LlamaConfig:
     lora_rules: LoRARules = ()
     remat: bool = False
     scan_layers: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -193,10 +212,32 @@ def positions_from_mask(valid: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- layers
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF rotate-half convention. x [B, L, N, hd], positions [B, L]."""
-    head_dim = x.shape[-1]
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> jax.Array:
+    """[head_dim / 2] float32 inverse frequencies (HF's default or "llama3" RoPE)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope(
+    x: jax.Array,
+    positions: jax.Array,
+    theta: float,
+    scaling: Llama3RopeScaling | None = None,
+) -> jax.Array:
+    """Rotary embedding, HF rotate-half convention. x [B, L, N, hd], positions [B, L]."""
+    inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, L, 1, hd]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
@@ -265,8 +306,8 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if cache_k is not None:
             start = (0, cache_index, 0, 0)

@@ -13,12 +13,13 @@ our RoPE uses HF's rotate-half convention.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from pixelvla_jax.models.llama import LlamaConfig
+from pixelvla_jax.models.llama import Llama3RopeScaling, LlamaConfig
 
 Getter = Callable[[str], Any]
 LeafFn = Callable[[tuple[str, ...], np.ndarray], Any]
@@ -37,6 +38,77 @@ HF_LLAMA_DEFAULTS: dict[str, Any] = {
 }
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_from_hf(
+    raw: Mapping[str, Any], cfg: Mapping[str, Any]
+) -> tuple[float, Llama3RopeScaling | None]:
+    """(rope_theta, rope_scaling) from either config.json layout.
+
+    transformers 4 writes top-level `rope_theta` and `rope_scaling` (None, or a dict with
+    `rope_type`/`type` and its parameters); transformers 5 writes both only inside
+    `rope_parameters` ({"rope_type": "default", "rope_theta": 500000.0, ...}). `raw` is the
+    config before HF's defaults were merged in, so that a default θ never hides one in
+    `rope_parameters`.
+    """
+    params: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                f"config_from_hf: {key} must be a dict (one RoPE for all layers), got {value!r}"
+            )
+        params.update(value)
+    top_theta, nested_theta = raw.get("rope_theta"), params.get("rope_theta")
+    if (
+        top_theta is not None
+        and nested_theta is not None
+        and not math.isclose(float(top_theta), float(nested_theta), rel_tol=1e-9)
+    ):
+        raise ValueError(
+            f"config_from_hf: rope_theta is {top_theta} at the top level but {nested_theta} "
+            "in rope_parameters"
+        )
+    theta = nested_theta if nested_theta is not None else top_theta
+    theta = float(theta if theta is not None else HF_LLAMA_DEFAULTS["rope_theta"])
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(
+            "config_from_hf: RoPE scaling with partial_rotary_factor "
+            f"{params['partial_rotary_factor']} (rope_parameters) is not supported"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"config_from_hf: RoPE scaling rope_type {rope_type!r} (rope_scaling / "
+            "rope_parameters) is not supported, only 'default' and 'llama3'"
+        )
+    values = dict(params)
+    if "original_max_position_embeddings" not in values and "max_position_embeddings" in cfg:
+        values["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    missing = [k for k in _LLAMA3_KEYS if values.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"config_from_hf: RoPE scaling rope_type 'llama3' (rope_scaling / rope_parameters) "
+            f"lacks {missing}; got {params}"
+        )
+    if float(values["high_freq_factor"]) == float(values["low_freq_factor"]):
+        raise ValueError(
+            "config_from_hf: RoPE scaling 'llama3' needs high_freq_factor != low_freq_factor "
+            f"(rope_scaling / rope_parameters: {params})"
+        )
+    return theta, Llama3RopeScaling(
+        factor=float(values["factor"]),
+        low_freq_factor=float(values["low_freq_factor"]),
+        high_freq_factor=float(values["high_freq_factor"]),
+        original_max_position_embeddings=int(values["original_max_position_embeddings"]),
+    )
+
+
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
     """LlamaConfig from an HF config.json dict (a Llama one, or one with a `text_config`).
 
@@ -47,6 +119,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LlamaConfi
     cfg = dict(hf_config)
     if "text_config" in cfg and "hidden_size" not in cfg:
         cfg = dict(cfg["text_config"])
+    raw = dict(cfg)  # before the defaults: RoPE fields may live in rope_parameters only
     if cfg.get("model_type") == "llama":
         # Saved nested configs (e.g. OpenVLA's text_config) keep only the fields that differ
         # from HF LlamaConfig's defaults, which are Llama-2-7B's.
@@ -76,13 +149,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LlamaConfi
         raise ValueError(
             "config_from_hf: tie_word_embeddings=True is not supported (Llama-2 has its own lm_head)"
         )
-    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(
-            f"config_from_hf: RoPE scaling {rope_type!r} is not supported, only 'default'"
-        )
-    rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_theta, rope_scaling = _rope_from_hf(raw, cfg)
     heads = cfg["num_attention_heads"]
     fields = dict(
         vocab_size=cfg["vocab_size"],
@@ -93,11 +160,63 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> LlamaConfi
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         mlp_dim=cfg["intermediate_size"],
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=cfg.get("max_position_embeddings", 2048),
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+# (our LlamaConfig field, its name in HF's config.json) compared by `check_config`.
+CHECKED_FIELDS: tuple[tuple[str, str], ...] = (
+    ("vocab_size", "vocab_size"),
+    ("width", "hidden_size"),
+    ("depth", "num_hidden_layers"),
+    ("num_heads", "num_attention_heads"),
+    ("num_kv_heads", "num_key_value_heads"),
+    ("head_dim", "head_dim"),
+    ("mlp_dim", "intermediate_size"),
+    ("norm_eps", "rms_norm_eps"),
+    ("rope_theta", "rope_theta"),
+    ("rope_scaling", "rope_scaling"),
+)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
+    return a == b
+
+
+def config_mismatches(config: LlamaConfig, expected: LlamaConfig) -> list[str]:
+    """One line per field in which `config` differs from `expected` (the checkpoint's)."""
+    return [
+        f"{ours}: checkpoint {getattr(expected, ours)!r} vs config {getattr(config, ours)!r}"
+        + (f" (config.json {hf})" if hf != ours else "")
+        for ours, hf in CHECKED_FIELDS
+        if not _same(getattr(config, ours), getattr(expected, ours))
+    ]
+
+
+def check_config(
+    config: LlamaConfig, hf_config: Mapping[str, Any] | LlamaConfig, *, what: str = "LlamaConfig"
+) -> None:
+    """Raises ValueError when `config` disagrees with the checkpoint's config.json.
+
+    Compares the shapes and the numerics the weights were trained with: RMSNorm eps
+    (rms_norm_eps), RoPE θ (rope_theta) and RoPE scaling (rope_scaling / rope_parameters),
+    each named in the message. `hf_config` is config.json's dict (a Llama one, or one with a
+    `text_config`) or a LlamaConfig already read from it.
+    """
+    expected = hf_config if isinstance(hf_config, LlamaConfig) else config_from_hf(hf_config)
+    diffs = config_mismatches(config, expected)
+    if diffs:
+        raise ValueError(
+            f"{what} does not match the checkpoint's config ("
+            + "; ".join(diffs)
+            + "); build it with pixelvla_jax.weights.hf_llama.config_from_hf(config.json)"
+        )
 
 
 def _layer_tensors(config: LlamaConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...], bool]]:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelvla_jax.models.pixelvla import PixelVLAConfig
+from pixelvla_jax.weights.hf_llama import check_config as check_llama_config
 from pixelvla_jax.weights.hf_llama import config_from_hf, convert_hf_llama
 from pixelvla_jax.weights.safetensors_io import INDEX_FILE, Checkpoint, open_checkpoint
 from pixelvla_jax.weights.timm_vision import (
@@ -120,21 +121,14 @@ def open_openvla_directory(directory: str | os.PathLike) -> OpenVLADirectory:
 
 
 def check_config(config: PixelVLAConfig, hf_config: Mapping[str, Any]) -> None:
-    """Raises ValueError when `config.llama` disagrees with the checkpoint's text_config."""
-    ckpt = config_from_hf(hf_config)
-    ours = config.llama
-    fields = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
-    diffs = [
-        f"{name}: checkpoint {getattr(ckpt, name)} vs config {getattr(ours, name)}"
-        for name in fields
-        if getattr(ckpt, name) != getattr(ours, name)
-    ]
-    if diffs:
-        raise ValueError(
-            "PixelVLAConfig.llama does not match the checkpoint's text_config ("
-            + "; ".join(diffs)
-            + "); build it with pixelvla_jax.weights.hf_llama.config_from_hf(config.json)"
-        )
+    """Raises ValueError when `config.llama` disagrees with the checkpoint's text_config.
+
+    Shapes, rms_norm_eps, rope_theta and RoPE scaling are compared (see
+    `hf_llama.check_config`), then n_action_bins.
+    """
+    check_llama_config(
+        config.llama, config_from_hf(hf_config), what="PixelVLAConfig.llama (text_config)"
+    )
     n_bins = hf_config.get("n_action_bins")
     if n_bins is not None and int(n_bins) != config.n_action_bins:
         raise ValueError(
