@@ -258,10 +258,7 @@ class Policy:
         obs = self.preprocess(
             images, instructions, pixel_masks, prompt_kinds, seed, visual_prompts=visual_prompts
         )
-        rng = jax.random.key(seed)  # used only by a sampling discrete head
-        normed = self._predict(self.params, jax.tree.map(jnp.asarray, obs), rng)
-        normed = np.asarray(jax.device_get(normed), np.float32)
-        return unnormalize_actions(normed, self.statistics)
+        return self.predict(obs, seed)
 
     def predict(self, obs: Observation, seed: int = 0) -> np.ndarray:
         """`act` on a ready model input (`preprocess`'s, possibly rows of several calls
