@@ -221,6 +221,32 @@ def test_same_seed_same_batches_and_resume(tokenizer):
         _assert_same(a, next(resumed))
 
 
+class UndecodableWristSource(FakeStepSource):
+    """Samples whose stored wrist frame is not an image: decoding it would raise."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "wrist_image": b"not a JPEG"}
+
+
+def test_an_unused_camera_is_not_decoded_and_episode_masks_are_decoded_once(tokenizer):
+    """Without use_wrist_image the wrist frame is never decoded (the undecodable one passes;
+    the same source with use_wrist_image fails on it). Each distinct mask is decoded once
+    and shared read-only: the source's 4 masks serve all of its samples."""
+    src = [UndecodableWristSource(16)]
+    make = lambda **kw: pipeline.make_dataset(  # noqa: E731
+        _cfg(**kw), src, [STATS], tokenizer, process_index=0, process_count=1
+    )
+    batches = _take(make(), 2)
+    assert batches[0]["image"].shape == (4, SIZE, SIZE, 3)
+    transform = pipeline.SampleTransform(_cfg(), [STATS], tokenizer)
+    for i in range(12):
+        transform.random_map((0, src[0][i]), np.random.default_rng(i))
+    cached = list(transform.masks._masks.values())
+    assert len(cached) == 4 and not any(m.flags.writeable for m in cached)
+    with pytest.raises(ValueError, match="decode"):
+        _take(make(use_wrist_image=True), 1)
+
+
 class CountingSource(FakeStepSource):
     """FakeStepSource that counts record reads."""
 

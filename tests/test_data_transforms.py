@@ -68,8 +68,12 @@ def test_augment_keeps_mask_aligned_with_image():
         core &= np.roll(inside, 2, 1) & np.roll(inside, -2, 1)
         red = out[..., 0].astype(int) - np.maximum(out[..., 1], out[..., 2]).astype(int)
         assert (red[core] > 60).all(), seed
-        near = inside | np.roll(inside, 2, 0) | np.roll(inside, -2, 0)
-        near |= np.roll(inside, 2, 1) | np.roll(inside, -2, 1)
+        # Within 2 pixels of the mask in any direction (diagonals too: a pixel diagonal to
+        # the square's corner interpolates between it and the background).
+        near = np.zeros_like(inside)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                near |= np.roll(inside, (dy, dx), (0, 1))
         assert (red[~near] < 20).all(), seed
         # The blurred border stays within one pixel of the mask's edge.
         assert (red[~inside] < 60).sum() >= (~inside).sum() - 4 * np.sqrt(inside.sum()) * 2
@@ -152,6 +156,141 @@ def test_fused_crop_draws_the_same_relative_boxes_as_resize_then_crop():
         assert diff.mean() < 3.0  # one resampling less: slightly sharper, not another image
         iou = (fused_mask * two_step_mask).sum() / np.maximum(fused_mask, two_step_mask).sum()
         assert iou > 0.97
+
+
+# Colour jitter off: the output pixels are the resampled frame itself.
+_NO_JITTER = dict(brightness=0.0, contrast=(1.0, 1.0), saturation=(1.0, 1.0), hue=0.0)
+_WIDE = dict(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3))
+
+
+def _coordinate_frame(size=256):
+    """uint8 [size, size, 3] whose red channel is each pixel's column, green its row."""
+    rows, cols = np.mgrid[:size, :size]
+    return np.stack([cols, rows, np.zeros_like(cols)], -1).astype(np.uint8)
+
+
+def _sample_positions(box, out=224):
+    """The frame positions (pixel-centre coordinates) that output columns / rows sample."""
+    x0, y0, x1, y1 = box
+    centres = np.arange(out) + 0.5
+    return x0 + centres * (x1 - x0) / out - 0.5, y0 + centres * (y1 - y0) / out - 0.5
+
+
+def _line(x, y):
+    """Least-squares (slope, intercept) of y over x."""
+    x, y = x.astype(float), y.astype(float)
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    return slope, y.mean() - slope * x.mean()
+
+
+def test_crops_cover_the_configured_scale_and_aspect_ratio_ranges_as_before():
+    """Statistical, measured on the output pixels: the crop each augmented image shows (read
+    back from a frame that encodes its own coordinates) is the box drawn for it, and over
+    many draws the crops' area fractions and aspect ratios have the distribution of the
+    previous two-step path (boxes drawn in the 224 px resized frame)."""
+    cfg = image_lib.AugmentConfig(**_WIDE, **_NO_JITTER)
+    frame = _coordinate_frame()
+    fit = np.arange(2, 222)  # the outermost columns may sit on the frame's replicated edge
+    areas, log_ratios = [], []
+    for seed in range(400):
+        out, _ = image_lib.augment(frame, None, np.random.default_rng(seed), cfg, size=224)
+        # Output column j samples x0 + (j + 0.5) * w / 224 - 0.5: a line in j.
+        slope_x, icpt_x = _line(fit, out[0, fit, 0])
+        slope_y, icpt_y = _line(fit, out[fit, 0, 1])
+        w, h = slope_x * 224 / 256, slope_y * 224 / 256  # crop size, fraction of the frame
+        x0, y0 = (icpt_x - 0.5 * slope_x + 0.5) / 256, (icpt_y - 0.5 * slope_y + 0.5) / 256
+        drawn = image_lib._random_crop_box(np.random.default_rng(seed), 256, 256, cfg)
+        np.testing.assert_allclose([x0, y0, x0 + w, y0 + h], np.array(drawn) / 256, atol=3e-3)
+        areas.append(w * h)
+        log_ratios.append(np.log(w / h))
+    areas, log_ratios = np.array(areas), np.array(log_ratios)
+    assert areas.min() < 0.51 and areas.max() > 0.97 and (areas > 0.49).all()
+    assert log_ratios.min() < np.log(3 / 4) + 0.02 and log_ratios.max() > np.log(4 / 3) - 0.02
+
+    # Before: the box drawn in the resized 224 px frame (other seeds: independent draws).
+    before = [
+        np.array(image_lib._random_crop_box(np.random.default_rng(10_000 + k), 224, 224, cfg))
+        for k in range(400)
+    ]
+    before_areas = np.array([(b[2] - b[0]) * (b[3] - b[1]) / 224**2 for b in before])
+    before_ratios = np.array([np.log((b[2] - b[0]) / (b[3] - b[1])) for b in before])
+
+    def ks(a, b):  # two-sample Kolmogorov-Smirnov statistic
+        grid = np.sort(np.concatenate([a, b]))
+        cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+        return np.abs(cdf(a) - cdf(b)).max()
+
+    # 400 vs 400 draws: the 0.1% critical value is 1.95 * sqrt(2 / 400) = 0.138.
+    assert ks(areas, before_areas) < 0.138
+    assert ks(log_ratios, before_ratios) < 0.138
+
+
+@pytest.mark.parametrize("jitter", [False, True])
+def test_masks_stay_aligned_with_the_image_pixel_for_pixel(jitter):
+    """Each output pixel of the image samples the frame at the crop box's position (read
+    back from a frame that encodes its coordinates), and each mask pixel is the source
+    pixel that position rounds to: a checkerboard mask of 4 px squares comes out exactly,
+    so a half-pixel shift between mask and image would fail it. Colour jitter changes no
+    mask pixel."""
+    cfg = image_lib.AugmentConfig(**_WIDE, **({} if jitter else _NO_JITTER))
+    frame = _coordinate_frame()
+    rows, cols = np.mgrid[:256, :256]
+    checker = ((rows // 4 + cols // 4) % 2).astype(np.float32)
+    for seed in range(20):
+        out, (mask, inverse, absent) = image_lib.augment(
+            frame, [checker, 1.0 - checker, None], np.random.default_rng(seed), cfg, size=224
+        )
+        box = image_lib._random_crop_box(np.random.default_rng(seed), 256, 256, cfg)
+        u, v = _sample_positions(box)
+        if not jitter:
+            np.testing.assert_allclose(
+                out[..., 0], np.clip(u, 0, 255)[None].repeat(224, 0), atol=0.52
+            )
+            np.testing.assert_allclose(
+                out[..., 1], np.clip(v, 0, 255)[:, None].repeat(224, 1), atol=0.52
+            )
+        expected = checker[np.rint(v).astype(int)[:, None], np.rint(u).astype(int)[None, :]]
+        # Positions within 1/100 px of a tie between two pixels may round either way.
+        tie = lambda p: np.abs(p - np.floor(p) - 0.5) < 0.01
+        clear = ~tie(v)[:, None] & ~tie(u)[None, :]
+        np.testing.assert_array_equal(mask[clear], expected[clear])
+        np.testing.assert_array_equal(inverse, 1.0 - mask)
+        assert absent is None and mask.dtype == np.float32
+        assert clear.mean() > 0.5  # most pixels are checked
+
+    # The evaluation crop resamples the same way.
+    out, mask = image_lib.center_crop(frame, checker, 0.9, size=224)
+    side = np.sqrt(0.9) * 256
+    u, v = _sample_positions(
+        ((256 - side) / 2, (256 - side) / 2, (256 + side) / 2, (256 + side) / 2)
+    )
+    np.testing.assert_allclose(out[..., 0], u[None].repeat(224, 0), atol=0.52)
+    expected = checker[np.rint(v).astype(int)[:, None], np.rint(u).astype(int)[None, :]]
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_large_frames_are_reduced_before_the_crop_without_aliasing():
+    """A frame over twice the output size is box-filtered first: a 1 px black-and-white
+    checkerboard becomes flat grey, not the moire of sampling it bilinearly."""
+    rows, cols = np.mgrid[:480, :640]
+    frame = (((rows + cols) % 2) * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    cfg = image_lib.AugmentConfig(**_NO_JITTER)
+    out, _ = image_lib.augment(frame, None, np.random.default_rng(0), cfg, size=112)
+    assert out.shape == (112, 112, 3)
+    assert np.abs(out.astype(float) - 127.5).max() < 40
+
+
+def test_decode_equals_pil_on_jpeg_and_png():
+    """OpenCV decodes the same pixels as PIL (both libjpeg-turbo; PNG is lossless)."""
+    img, _ = _scene(256)
+    for fmt in ("JPEG", "PNG"):
+        data = _encode(img, fmt)
+        ours = image_lib.decode_image(data)
+        pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert ours.dtype == np.uint8 and ours.shape == (256, 256, 3)
+        assert np.abs(ours.astype(int) - pil).max() <= 1, fmt
+    grey = _encode(img[..., 0], "PNG")  # a grey frame decodes to three equal channels
+    np.testing.assert_array_equal(image_lib.decode_image(grey), img[..., :1].repeat(3, -1))
 
 
 def test_center_crop_matches_crop_geometry():

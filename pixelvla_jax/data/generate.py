@@ -152,30 +152,30 @@ def write_generated(
 FORMATS = ("libero", "bridge", "fractal")
 
 
-def _encode_image(array: np.ndarray, fmt: str | None) -> bytes:
+def _encode_image(array: np.ndarray, fmt: str | None, jpeg_quality: int = 95) -> bytes:
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     buf = io.BytesIO()
     if (fmt or "png") == "jpeg":
-        Image.fromarray(array).save(buf, format="JPEG", quality=95)
+        Image.fromarray(array).save(buf, format="JPEG", quality=jpeg_quality)
     else:
         Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def _encode_images(feature: Any, value: Any) -> Any:
+def _encode_images(feature: Any, value: Any, jpeg_quality: int = 95) -> Any:
     """Replaces uint8 arrays given to Image features by encoded bytes (tfds needs TF otherwise)."""
     import tensorflow_datasets as tfds
 
     if isinstance(feature, tfds.features.Image):
         if isinstance(value, np.ndarray):
-            return _encode_image(value, feature.encoding_format)
+            return _encode_image(value, feature.encoding_format, jpeg_quality)
         return value
     if isinstance(feature, tfds.features.Dataset):
-        return [_encode_images(feature.feature, v) for v in value]
+        return [_encode_images(feature.feature, v, jpeg_quality) for v in value]
     if isinstance(feature, tfds.features.FeaturesDict):
-        return {k: _encode_images(feature[k], v) for k, v in value.items()}
+        return {k: _encode_images(feature[k], v, jpeg_quality) for k, v in value.items()}
     return value
 
 
@@ -195,6 +195,7 @@ def write_rlds_dataset(
     version: str = "1.0.0",
     split: str = "train",
     description: str | None = None,
+    jpeg_quality: int = 95,
 ) -> str:
     """Writes episodes as a TFDS dataset in ArrayRecord format; returns its directory.
 
@@ -204,6 +205,7 @@ def write_rlds_dataset(
       episodes: dicts {"steps": [step dicts], "episode_metadata": {...}} matching `features`.
       features: a `tfds.features.FeaturesDict` or a nested dict of feature connectors
         (see `rlds_features`).
+      jpeg_quality: PIL's JPEG quality for the frames given as arrays to JPEG Image features.
     Returns:
       The version directory (pass it to `StepDataset` / `tfds.builder_from_directory`).
     """
@@ -216,7 +218,7 @@ def write_rlds_dataset(
 
     def generate():
         for i, episode in enumerate(episodes):
-            yield i, _encode_images(feats, dict(episode))
+            yield i, _encode_images(feats, dict(episode), jpeg_quality)
 
     def body(ns):
         ns["code_path"] = None  # no source file lookup (needs importlib_resources otherwise)
@@ -324,6 +326,28 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(base + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+# (grid cells across the frame, amplitude in grey levels) of `texture`'s octaves: table-
+# and wall-sized patches down to per-pixel grain.
+_TEXTURE_OCTAVES = ((4, 80.0), (16, 40.0), (64, 24.0), (256, 16.0))
+
+
+def texture(rng: np.random.Generator, h: int, w: int, mean: np.ndarray) -> np.ndarray:
+    """float32 [h, w, 3]: multi-octave value noise around the RGB colour `mean` (a rendered
+    scene's materials: smooth patches with fine detail at every scale)."""
+    out = np.broadcast_to(np.asarray(mean, np.float32), (h, w, 3)).copy()
+    for cells, amplitude in _TEXTURE_OCTAVES:
+        grid = rng.integers(0, 256, (min(cells, h), min(cells, w), 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float32)
+        out += (smooth / 255.0 - 0.5) * amplitude
+    return out
+
+
+def sensor_noise(frame: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
+    """float [h, w, 3] scene -> uint8 frame with independent Gaussian noise per pixel and
+    channel (a camera's read noise: what keeps consecutive frames' JPEGs large)."""
+    return np.clip(frame + rng.normal(0.0, std, frame.shape), 0, 255).astype(np.uint8)
+
+
 def object_mask(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
     """uint8 [h, w] mask of the rectangle box = (x0, y0, x1, y1), x1/y1 exclusive."""
     x0, y0, x1, y1 = box
@@ -362,11 +386,17 @@ def synthetic_episode(
     nan_action_step: int | None = None,
     drop_features: Sequence[str] = (),
     bad_action_value: float = np.nan,
+    noise_std: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One raw episode of layout `fmt` and its ground truth.
 
     The object (a rectangle) moves right by one pixel per step; the episode mask is the
-    first frame's, per-step masks follow the object. Returns (episode, truth) with truth =
+    first frame's, per-step masks follow the object. By default the background is a
+    gradient with uniform noise and the object one flat colour. With `noise_std` (the
+    LIBERO-like frames of bench/data.py) background and object are `texture`s, and every
+    frame of both cameras gets its own `sensor_noise` of that standard deviation: at JPEG
+    quality 95 a 256 px frame then takes the bytes of a rendered scene (~30 KB), not the
+    few KB of flat colours. Returns (episode, truth) with truth =
     {"masks": uint8 [T, H, W], "box": first-frame box, "actions": raw [T, 7],
     "proprio": [T, P], "instruction": str, "object_name": str, "color": uint8 [3]}.
     """
@@ -384,14 +414,26 @@ def synthetic_episode(
         actions[nan_action_step, 0] = bad_action_value
     proprio_dim = {"libero": 8, "bridge": 7, "fractal": 8}[fmt]
     proprio = rng.normal(size=(length, proprio_dim)).astype(np.float32)
-    background = _background(rng, h, w)
+    textured = noise_std is not None
+    if textured:
+        background = texture(rng, h, w, rng.uniform(60, 190, 3))
+        wrist_scene = texture(rng, h, w, rng.uniform(60, 190, 3))
+        surface = texture(rng, bh, bw, color)
+    else:
+        background = _background(rng, h, w)
     steps, masks = [], []
     for t in range(length):
         xt = min(x0 + t, w - bw)
         box = (xt, y0, xt + bw, y0 + bh)
         mask = object_mask(h, w, box)
         frame = background.copy()
-        frame[mask.astype(bool)] = color
+        if textured:
+            frame[y0 : y0 + bh, xt : xt + bw] = surface
+            frame = sensor_noise(frame, rng, noise_std)
+            wrist_frame = sensor_noise(wrist_scene, rng, noise_std)
+        else:
+            frame[mask.astype(bool)] = color
+            wrist_frame = frame[::-1].copy()
         masks.append(mask)
         flags = {
             "reward": np.float32(t == length - 1),
@@ -403,7 +445,7 @@ def synthetic_episode(
         if fmt == "libero":
             obs = {"image": frame, "state": proprio[t], "joint_state": np.zeros(7, np.float32)}
             if wrist:
-                obs["wrist_image"] = frame[::-1].copy()
+                obs["wrist_image"] = wrist_frame
             step = {"observation": obs, "action": actions[t], "language_instruction": instruction}
         elif fmt == "bridge":
             obs = {"image_0": frame, "state": proprio[t]}
@@ -479,6 +521,8 @@ def write_synthetic_dataset(
     drop_features: Sequence[str] = (),
     bad_action_value: float = np.nan,
     return_truth: bool = False,
+    noise_std: float | None = None,
+    jpeg_quality: int = 95,
 ):
     """Writes a tiny synthetic RLDS dataset of layout `fmt`; returns its version directory.
 
@@ -495,6 +539,9 @@ def write_synthetic_dataset(
       nan_action_at: (episode, step) whose action gets `bad_action_value` (NaN; error tests).
       drop_features: step feature paths left out (error tests).
       return_truth: also return the list of per-episode ground truths (`synthetic_episode`).
+      noise_std: textured scenes with per-frame sensor noise of this std (grey levels)
+        instead of flat colours (`synthetic_episode`).
+      jpeg_quality: of the camera frames (`write_rlds_dataset`).
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
@@ -521,6 +568,7 @@ def write_synthetic_dataset(
             nan_action_step=nan_action_at[1] if nan_action_at and nan_action_at[0] == e else None,
             drop_features=drop_features,
             bad_action_value=bad_action_value,
+            noise_std=noise_std,
         )
         episodes.append(episode)
         truths.append(truth)
@@ -532,5 +580,7 @@ def write_synthetic_dataset(
         wrist=wrist,
         drop_features=drop_features,
     )
-    path = write_rlds_dataset(out_dir, name or f"synthetic_{fmt}", episodes, features)
+    path = write_rlds_dataset(
+        out_dir, name or f"synthetic_{fmt}", episodes, features, jpeg_quality=jpeg_quality
+    )
     return (path, truths) if return_truth else path
