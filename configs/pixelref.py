@@ -11,9 +11,12 @@ expert episodes generated into `data/pixelref` on first use. Every instruction i
 and the grounding options, with the measurements: docs/design.md §6.
 
 Variants:
-  (default)  trained with the target's pixel mask only (no visual prompts)
-  prompts    mask and visual prompts (points, lines, boxes, masks) with the pixel mask
-             dropped half the time, so every prompt kind alone singles out the target
+  (default)  one model for every pixel input: each training example gets one kind, drawn
+             evenly: the target's mask (pixel encoder + dense prompt), or points, a box or
+             a line alone (prompt encoder), so each kind alone singles out the target
+  mask_only  trained with the target's pixel mask only (no visual prompts)
+  prompts    mask and visual prompts (points, lines, boxes, masks) together, the pixel
+             mask dropped half the time
   no_pixel   the same recipe without pixel-level inputs (the language-only baseline)
   tiny       a few steps on a few episodes with the chunked L1 head (tests)
   pi0        PixelVLA-π0 (`config.model.family="pi0"`) at the `pi0_tiny` preset from scratch:
@@ -25,9 +28,10 @@ Variants:
   pi0_tiny   a few steps of the π0 variant on a few episodes (tests)
 """
 
+from pixelvla_jax.data.prompts import DEFAULT_KIND_PROBS
 from pixelvla_jax.training.config import base_config
 
-VARIANTS = ("default", "prompts", "no_pixel", "tiny", "pi0", "pi0_no_pixel", "pi0_tiny")
+VARIANTS = ("default", "mask_only", "prompts", "no_pixel", "tiny", "pi0", "pi0_no_pixel", "pi0_tiny")
 
 
 def get_config(variant: str = "default"):
@@ -61,10 +65,10 @@ def get_config(variant: str = "default"):
     c.data.batch_size = 32
     c.data.num_threads = 2
     c.data.augment = False  # positions must stay exact: actions are workspace deltas
-    c.data.visual_prompts = False
-    # Decoded samples are kept after their first epoch: the transform is deterministic
-    # here, and on 2 cores the decoding threads otherwise compete with the train step.
-    c.data.cache_samples = True
+    # One pixel input per example (mask, points, box or line), drawn afresh every epoch.
+    c.data.visual_prompts = True
+    c.data.one_pixel_input = True
+    c.data.prompt_cfg.kind_probs = {"mask": 0.25, "points": 0.25, "box": 0.25, "line": 0.25}
     c.data.max_tokens = 32  # the prompts are 25 tokens; 40 cost 12% more per step
     c.data_generator.kind = "pixelref"
     c.data_generator.num_episodes = 2000
@@ -80,10 +84,12 @@ def get_config(variant: str = "default"):
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
     c.train.keep_last = 1
+    if variant in ("mask_only", "tiny") or variant.startswith("pi0"):
+        mask_only(c)
     if variant == "prompts":
-        c.data.visual_prompts = True
+        c.data.one_pixel_input = False
+        c.data.prompt_cfg.kind_probs = dict(DEFAULT_KIND_PROBS)
         c.data.pixel_mask_dropout = 0.5
-        c.data.cache_samples = False  # prompts are sampled afresh every epoch
     elif variant == "no_pixel":
         c.model.use_pixel_encoder = False
         c.model.use_prompt_encoder = False
@@ -99,6 +105,16 @@ def get_config(variant: str = "default"):
         c.train.num_steps = 20
         c.train.log_every = 5
         c.train.checkpoint_every = 20
+    return c
+
+
+def mask_only(c):
+    """The data of a model given the target's mask alone (no visual prompts)."""
+    c.data.visual_prompts = False
+    c.data.one_pixel_input = False
+    # Decoded samples are kept after their first epoch: the transform is deterministic
+    # here, and on 2 cores the decoding threads otherwise compete with the train step.
+    c.data.cache_samples = True
     return c
 
 

@@ -30,11 +30,13 @@ import os
 from absl import app, flags
 
 from pixelvla_jax import paths
+from pixelvla_jax.envs.pixelref import EVAL_SPLITS
 from pixelvla_jax.errors import InvalidInputError, UnknownNameError
 
 LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 SUITES = ("pixelref", *LIBERO_SUITES)
 PI0_LIBERO_REPLAN = 5  # openpi's examples/libero/main.py: replan_steps=5
+PIXELREF_SPLITS = tuple(EVAL_SPLITS)  # in_distribution, held_out_kinds, more_objects
 
 
 def _define_flags() -> None:
@@ -71,6 +73,14 @@ def _define_flags() -> None:
         None,
         "Actions executed per chunk (0: the whole chunk; default: 5 for a π0 run on LIBERO, "
         "as openpi, else the whole chunk).",
+    )
+    global _SPLITS
+    _SPLITS = flags.DEFINE_string(
+        "splits",
+        ",".join(PIXELREF_SPLITS),
+        "PixelRef: scene splits evaluated (envs/pixelref.py EVAL_SPLITS), the first's figures "
+        "on top: in_distribution, held_out_kinds (target kinds never named in training), "
+        "more_objects (more objects than any training scene).",
     )
     _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel environment workers (LIBERO).")
     _VIDEOS = flags.DEFINE_integer("videos", 2, "Rollout GIFs written per prompt kind / task.")
@@ -134,12 +144,15 @@ def evaluate(
     batch_size: int = 50,
     decode_temperature: float | None = None,
     allow_dataset_mismatch: bool = False,
+    splits: tuple[str, ...] = PIXELREF_SPLITS,
 ) -> dict:
     """Runs the evaluation; returns the results dict (also written as results.json).
 
     Refuses (InvalidInputError) a suite whose data the run was not trained on, unless
     `allow_dataset_mismatch`: the actions would be unnormalised with another dataset's
     statistics. `replan` None: `default_replan` of the run's family and the suite.
+    PixelRef: every split in `splits` is evaluated on the same seeds and kinds (the first's
+    figures on top, all under "splits").
     """
     from pixelvla_jax import runs
 
@@ -191,7 +204,7 @@ def evaluate(
     )
     title = f"PixelRef, {os.path.basename(paths.absolute(checkpoint).rstrip('/'))}"
     return _evaluate_pixelref(
-        policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title
+        policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title, splits
     )
 
 
@@ -208,16 +221,21 @@ def _pixelref_prompt_kinds(pixel_input: str, prompt_kinds: tuple[str, ...]) -> t
 
 
 def _evaluate_pixelref(
-    policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title
+    policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size, title, splits
 ) -> dict:
     """The PixelRef evaluation of a local `Policy` or a served `RemotePolicy`: the same
-    seeded episodes, prompts and reports."""
+    seeded episodes, prompts and reports, on each of `splits`."""
     from pixelvla_jax.envs import rollout
-    from pixelvla_jax.envs.pixelref import PixelRefEnv
+    from pixelvla_jax.envs.pixelref import split_env
 
+    unknown = [s for s in splits if s not in EVAL_SPLITS]
+    if unknown or not splits:
+        raise UnknownNameError(
+            f"PixelRef splits {list(splits)}: give one or more of {tuple(EVAL_SPLITS)}."
+        )
     return rollout.evaluate_policy(
         policy,
-        PixelRefEnv,
+        split_env(splits[0]),
         num_episodes=trials,
         prompt_kinds=prompt_kinds,
         replan=replan,
@@ -226,6 +244,8 @@ def _evaluate_pixelref(
         videos=videos,
         batch_size=batch_size,
         title=title,
+        split=splits[0],
+        more_splits={s: split_env(s) for s in splits[1:]},
     )
 
 
@@ -246,6 +266,7 @@ def evaluate_on_server(
     api_key: str | None = None,
     connections: int = 8,
     allow_dataset_mismatch: bool = False,
+    splits: tuple[str, ...] = PIXELREF_SPLITS,
 ) -> dict:
     """`evaluate` against a running policy server (`python -m pixelvla_jax.serve`) instead of
     a local checkpoint: the same episodes, seeds, prompts and reports, the policy being
@@ -279,7 +300,7 @@ def evaluate_on_server(
             )
         return _evaluate_pixelref(
             policy, prompt_kinds, trials, replan, seed, out_dir, videos, batch_size,
-            f"PixelRef, {server}",
+            f"PixelRef, {server}", splits,
         )  # fmt: skip
     finally:
         policy.close()
@@ -312,7 +333,12 @@ def _main_on_server(tasks: list[int] | None, kinds: tuple[str, ...]) -> dict:
         api_key=api_key,
         connections=_CONNECTIONS.value,
         allow_dataset_mismatch=_ALLOW_MISMATCH.value,
+        splits=_splits(),
     )
+
+
+def _splits() -> tuple[str, ...]:
+    return tuple(s.strip() for s in _SPLITS.value.split(",") if s.strip())
 
 
 def main(argv):
@@ -342,6 +368,7 @@ def main(argv):
         batch_size=_BATCH.value,
         decode_temperature=_TEMPERATURE.value,
         allow_dataset_mismatch=_ALLOW_MISMATCH.value,
+        splits=_splits(),
     )
     _print_results(results)
 

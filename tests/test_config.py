@@ -27,6 +27,7 @@ BEFORE = {
     "pixel160k:tiny": (40, 5, 1e-3, "cosine", 5, 5, 56, 64),
     "pixelref:default": (3500, 100, 1e-3, "wsd", 1, 1, 56, 56),
     "pixelref:prompts": (3500, 100, 1e-3, "wsd", 1, 1, 56, 56),
+    "pixelref:mask_only": (3500, 100, 1e-3, "wsd", 1, 1, 56, 56),
     "pixelref:no_pixel": (3500, 100, 1e-3, "wsd", 1, 1, 56, 56),
     "pixelref:tiny": (20, 2, 1e-3, "wsd", 4, 4, 56, 56),
 }

@@ -294,3 +294,42 @@ def test_both_runners_share_the_batched_act_and_the_libero_conversion():
     assert {c[0] for c in policy.calls} == {(4, 16, 16, 3)}  # always the padded batch
     # Episode 1 is row 1: its first action is (1, 0, ..., gripper 1 = open) -> LIBERO -1.
     np.testing.assert_array_equal(made[1].sent[0], [1, 0, 0, 0, 0, 0, -1])
+
+
+def test_one_pixel_input_examples_have_the_acting_layout_of_their_kind(tokenizer_path):
+    """The default PixelRef recipe (`data.one_pixel_input`): each training example gets one
+    pixel input, its kind drawn evenly from mask / points / box / line, laid out exactly as
+    acting lays out that kind (the mask as pixel input and dense prompt; the other kinds
+    alone, without the pixel mask), sampled from the target's mask."""
+    policy = _policy(tokenizer_path, "default")
+    builder = policy.example_builder
+    images, masks, referred, instructions = _scenes(4)
+    layout = lambda e: (  # noqa: E731
+        bool(e["has_pixel_mask"]),
+        bool(e["has_prompt_mask"]),
+        prompts.prompt_kind(e),
+    )
+    acting = {}
+    for kind in ("mask", "points", "box", "line"):
+        obs = policy.preprocess(images[:1], instructions[:1], masks[:1], kind)
+        acting[kind] = layout({name: getattr(obs, name)[0] for name in _given(obs)})
+    assert acting["mask"] == (True, True, "mask")
+    assert acting["points"] == (False, False, "points")
+    counts = dict.fromkeys(acting, 0)
+    for n in range(400):
+        i = n % 4
+        rng = np.random.default_rng([3, n])
+        got = builder.build(images[i], instructions[i], masks[i], referred[i], rng=rng, train=True)
+        kind = prompts.prompt_kind(got)
+        assert layout(got) == acting[kind], (n, kind)
+        counts[kind] += 1
+        target = builder.build(images[i], instructions[i], masks[i], rng=rng, train=False,
+                               prompt_kind="mask")["pixel_mask"]  # fmt: skip
+        if kind == "mask":
+            np.testing.assert_array_equal(got["pixel_mask"], target)
+        elif kind == "points":  # positive points lie on the target
+            size = target.shape[0]
+            for (x, y), t in zip(got["prompt_points"], got["prompt_types"]):
+                if t == prompts.PROMPT_POSITIVE:
+                    assert target[int(y * size), int(x * size)] == 1
+    assert all(abs(c / 400 - 0.25) < 0.08 for c in counts.values()), counts

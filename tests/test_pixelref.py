@@ -202,10 +202,16 @@ def _pixelref_config(variant="tiny"):
 
 def test_config_variants():
     default = _pixelref_config("default")
-    assert default.model.use_pixel_encoder and not default.data.visual_prompts
+    # One model for every pixel input: one kind per example, evenly.
+    assert default.model.use_pixel_encoder and default.model.use_prompt_encoder
+    assert default.data.visual_prompts and default.data.one_pixel_input
+    kinds = {k: p for k, p in default.data.prompt_cfg.kind_probs.items() if p}
+    assert kinds == {"mask": 0.25, "points": 0.25, "box": 0.25, "line": 0.25}
     baseline = _pixelref_config("no_pixel")
     assert not baseline.model.use_pixel_encoder and not baseline.model.use_prompt_encoder
-    assert _pixelref_config("prompts").data.visual_prompts
+    assert not _pixelref_config("mask_only").data.visual_prompts
+    prompts = _pixelref_config("prompts").data
+    assert prompts.visual_prompts and not prompts.one_pixel_input and prompts.pixel_mask_dropout
     with pytest.raises(ValueError, match="unknown variant"):
         _pixelref_config("huge")
     # The baseline is the same recipe: only the pixel-level inputs differ.
@@ -222,3 +228,34 @@ def test_config_variants():
 
 # Training a tiny PixelRef run on generated data (the loss goes down) is tested in
 # tests/test_serving.py, whose server serves that trained checkpoint.
+
+
+def test_held_out_target_kinds_never_named_in_training_scenes():
+    """Training scenes (and the in-distribution split) never name a held-out kind as the
+    target, though those kinds appear as other objects and their colours and shapes are
+    targets of other kinds; the held-out split names only them; the more-objects split has
+    more objects than any training scene."""
+    train_cfg = PixelRefConfig()
+    held_out = set(pixelref.HELD_OUT_TARGETS)
+    targets, others, sizes = collections.Counter(), collections.Counter(), set()
+    for k in range(400):
+        env = PixelRefEnv(pixelref.training_seed(0, k), train_cfg)
+        targets[env.target_object.name] += 1
+        others.update(o.name for i, o in enumerate(env.objects) if i != env.target)
+        sizes.add(len(env.objects))
+    assert not held_out & set(targets)
+    assert held_out <= set(others)
+    named = {w for name in targets for w in name.split()}
+    assert {w for name in held_out for w in name.split()} <= named
+    assert len(targets) == 12 - len(held_out)
+    split = {name: pixelref.split_env(name) for name in pixelref.EVAL_SPLITS}
+    assert {split["held_out_kinds"](s).target_object.name for s in SEEDS} == held_out
+    assert not held_out & {split["in_distribution"](s).target_object.name for s in SEEDS}
+    crowded = [len(split["more_objects"](s).objects) for s in SEEDS]
+    assert min(crowded) > max(sizes) == train_cfg.max_objects
+    for env in (split["held_out_kinds"](s) for s in SEEDS[:50]):
+        assert len(env.lookalikes) >= 1  # still ambiguous without the pixel input
+    with pytest.raises(ValueError, match="not colour-shape kinds"):
+        PixelRefConfig(held_out_targets=("purple square",))
+    with pytest.raises(ValueError, match="unknown PixelRef split"):
+        pixelref.split_env("unseen")

@@ -9,7 +9,7 @@ import pytest
 
 from pixelvla_jax.data import image as image_lib
 from pixelvla_jax.data import normalization
-from pixelvla_jax.envs.pixelref import PixelRefEnv
+from pixelvla_jax.envs.pixelref import HELD_OUT_TARGETS, PixelRefEnv
 from pixelvla_jax.envs.rollout import episode_seeds
 from pixelvla_jax.models.observation import PROMPT_BOX_TOP_LEFT, PROMPT_PAD, PROMPT_POSITIVE
 from pixelvla_jax.models.pixelvla import PixelVLA
@@ -178,9 +178,60 @@ def test_evaluate_writes_results_json_plot_and_gifs(run, tmp_path):
     assert saved["num_episodes"] == 3 and len(saved["episodes"]["mask"]) == 3
     assert 0 < saved["chance_rate"] <= 0.5
     assert (out / "success.png").stat().st_size > 0
+    # Every scene split on the same seeds and kinds; the first's figures on top.
+    assert list(saved["splits"]) == ["in_distribution", "held_out_kinds", "more_objects"]
+    assert saved["splits"]["in_distribution"]["success"] == saved["success"]
+    for split in saved["splits"].values():
+        assert set(split["success"]) == {"mask", "none"} and 0 < split["chance_rate"] <= 0.5
+    held_out = saved["splits"]["held_out_kinds"]["episodes"]["mask"]
+    assert {e["instruction"].removeprefix("pick up the ") for e in held_out} <= set(
+        HELD_OUT_TARGETS
+    )
     gifs = sorted(p.name for p in out.glob("*.gif"))
     assert gifs == [f"mask_{episode_seeds(7, 1)[0]}.gif", f"none_{episode_seeds(7, 1)[0]}.gif"]
-    assert "mask" in format_table(results) and "chance" in format_table(results)
+    table = format_table(results)
+    header, rows = table.splitlines()[0], table.splitlines()[2:]
+    assert all(s in header for s in saved["splits"]) and "chance" in table
+    mask_row = next(r for r in rows if r.startswith("mask"))
+    for split in saved["splits"].values():
+        assert f"{split['success']['mask'] * 100:.1f}%" in mask_row
+
+
+def test_rollout_gifs_draw_the_prompt_the_policy_was_given(policy):
+    """`given_prompt` reproduces row k of a batched call (the policy's own preprocessing,
+    rng (seed, k)), and `draw_prompt` draws it: points, the box, the line's stroke, the mask
+    outline, each in its colour where the prompt is."""
+    from PIL import Image
+
+    from pixelvla_jax.envs import rollout
+
+    envs, images, masks = _scene(3)
+    instructions = [e.instruction for e in envs]
+    for kind in ("points", "box", "line", "mask"):
+        obs = policy.preprocess(images, instructions, masks, kind, seed=5)
+        for k in range(3):
+            given = rollout.given_prompt(
+                policy, images[k], instructions[k], masks[k], kind, seed=5, row=k
+            )
+            for name, value in given.items():
+                np.testing.assert_array_equal(value, np.asarray(getattr(obs, name))[k])
+        scale = 4
+        frame = Image.fromarray(images[0]).resize((56 * scale, 56 * scale), Image.NEAREST)
+        given = rollout.given_prompt(policy, images[0], instructions[0], masks[0], kind, 5, 0)
+        drawn = np.asarray(rollout.draw_prompt(frame.copy(), given))
+        changed = np.any(drawn != np.asarray(frame), axis=-1)
+        ys, xs = np.nonzero(masks[0])
+        box = (xs.min() * scale - 6, ys.min() * scale - 6, (xs.max() + 1) * scale + 6,
+               (ys.max() + 1) * scale + 6)  # fmt: skip
+        colour = rollout.PROMPT_COLOURS[{"points": 1, "line": 3}.get(kind, kind)]
+        cy, cx = np.nonzero(np.all(drawn == colour, axis=-1))
+        assert len(cy) > 10, kind  # drawn in the kind's colour on or around the target
+        assert (cx >= box[0]).all() and (cx <= box[2]).all(), kind
+        assert (cy >= box[1]).all() and (cy <= box[3]).all(), kind
+        if kind != "points":  # only negative points may lie away from the target
+            cy, cx = np.nonzero(changed)
+            assert (cx >= box[0]).all() and (cx <= box[2]).all(), kind
+    assert rollout.draw_prompt(frame, None) is frame  # a served policy: nothing to draw
 
 
 def test_decode_temperature_override_needs_a_discrete_checkpoint(run):

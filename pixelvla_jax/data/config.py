@@ -93,11 +93,19 @@ class DataConfig:
     visual_prompts: bool = True
     prompt_cfg: prompts.PromptConfig = prompts.PromptConfig()
     pixel_mask_dropout: float = 0.0  # probability to hide an existing mask (train "absent")
+    # One pixel-level input per training example, its kind drawn from prompt_cfg.kind_probs:
+    # "mask" = the target mask as the pixel input (and as the dense mask prompt), "points" /
+    # "line" / "box" = that prompt alone (no pixel mask), "none" = neither; each kind then
+    # singles out the target alone, as acting gives it (`Policy.act`'s prompt_kinds). Needs
+    # visual_prompts and no pixel_mask_dropout.
+    one_pixel_input: bool = False
     tokenizer_path: str = ""
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
-    num_threads: int = 4  # reader threads, each builds whole batches (PIL releases the GIL)
+    num_threads: int = (
+        4  # reader threads, each builds whole batches (OpenCV and numpy release the GIL)
+    )
     prefetch_batches: int = 8  # batches read ahead by the threads
     worker_count: int = 0  # > 0: mp_prefetch worker processes
     worker_buffer_size: int = 2  # batches per worker
@@ -132,6 +140,13 @@ class DataConfig:
         return cls(**raw)
 
     def __post_init__(self):
+        if self.one_pixel_input and (not self.visual_prompts or self.pixel_mask_dropout > 0):
+            raise ValueError(
+                "DataConfig.one_pixel_input draws each example's one pixel input from "
+                "prompt_cfg.kind_probs: it needs visual_prompts=True and pixel_mask_dropout=0 "
+                f"(got visual_prompts={self.visual_prompts}, "
+                f"pixel_mask_dropout={self.pixel_mask_dropout})."
+            )
         if self.normalization not in NORMALIZATION_MODES:
             raise ValueError(
                 f"DataConfig.normalization={self.normalization!r}; use one of "

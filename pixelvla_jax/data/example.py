@@ -9,6 +9,8 @@ made its training examples (docs/design.md §2.1), from the same `DataConfig` th
                   `augment`, else `image.resize_image` / `resize_mask`
         pixels    the target mask, hidden with probability `pixel_mask_dropout`
         prompt    a kind drawn from `prompt_cfg.kind_probs`, sampled from the (kept) mask
+        (`one_pixel_input`: one kind drawn per example, given as acting gives it: "mask" =
+        the mask as pixel input and dense prompt, other kinds alone)
     build(..., train=False, prompt_kind=k)    the acting example:
         geometry  deterministic: `image.center_crop` at the mean crop scale when the run
                   trained with the random crop (what OpenVLA evaluates on), else the resize
@@ -21,7 +23,8 @@ made its training examples (docs/design.md §2.1), from the same `DataConfig` th
 In both modes the text goes through the run's template and tokenizer (cached per
 instruction), and the grounding labels (the referred objects' mask, else the target's, and
 the target's centre) are computed with the same geometry. Random draws come from the
-caller's `rng`, in a fixed order (training: mask dropout, crop box, colour jitter, prompt,
+caller's `rng`, in a fixed order (training: mask dropout, the one-input kind, crop box,
+colour jitter, prompt,
 then the wrist camera's), so a pipeline seeded by (seed, index) gives the same example on
 every run and resume, and a run with a wrist camera sees the same base examples as without.
 
@@ -206,6 +209,12 @@ class ExampleBuilder:
             and cfg.pixel_mask_dropout > 0
             and rng.random() < cfg.pixel_mask_dropout
         )
+        # `one_pixel_input`: the example's one pixel input kind (what acting's prompt_kind is).
+        one_kind = (
+            prompts.draw_kind(rng, cfg.prompt_cfg.kind_probs)
+            if train and cfg.one_pixel_input
+            else None
+        )
         # The patch-grounding target: the objects the instruction fits where the data says
         # (referred_mask), else the target itself. Unlike the pixel input, the target's mask
         # and centre stay labels when the input is dropped.
@@ -217,7 +226,15 @@ class ExampleBuilder:
         target, grounding = (None if m is None or not m.any() else m for m in (target, grounding))
         point = _mask_centroid(target)
 
-        if train:
+        if train and one_kind is not None:
+            pixel_input = target if one_kind == "mask" else None
+            prompt_source = target
+            prompt_cfg = (
+                None
+                if one_kind == "none"
+                else dataclasses.replace(cfg.prompt_cfg, kind_probs={one_kind: 1.0})
+            )
+        elif train:
             pixel_input = None if dropped else target
             prompt_source = pixel_input
             prompt_cfg = cfg.prompt_cfg if cfg.visual_prompts else None

@@ -178,6 +178,12 @@ def _line_through_mask(binary: np.ndarray, rng: np.random.Generator, n: int) -> 
     return np.stack([rr[picks], cc[picks]], axis=-1)
 
 
+def draw_kind(rng: np.random.Generator, kind_probs: Mapping[str, float]) -> str:
+    """One of PROMPT_KINDS drawn with `kind_probs` (a PromptConfig's): one rng draw."""
+    probs = np.asarray([kind_probs[k] for k in PROMPT_KINDS], np.float64)
+    return PROMPT_KINDS[rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())]
+
+
 def sample_visual_prompt(
     mask: np.ndarray | None,
     rng: np.random.Generator,
@@ -207,8 +213,7 @@ def sample_visual_prompt(
     out = empty_prompt(p, h, w)
     if not binary.any():
         return out
-    probs = np.asarray([cfg.kind_probs[k] for k in PROMPT_KINDS], np.float64)
-    kind = PROMPT_KINDS[rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())]
+    kind = draw_kind(rng, cfg.kind_probs)
     points, types = out["prompt_points"], out["prompt_types"]
 
     if kind == "points":

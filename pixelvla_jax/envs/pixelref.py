@@ -53,6 +53,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 195, 35),
 }
 SHAPES = ("square", "circle", "triangle")
+# Colour-shape kinds never named as the target in training (they do appear as other
+# objects, and their colours and shapes are targets in other kinds): the held-out split
+# (`EVAL_SPLITS`) names only these, so it measures whether a policy follows the pixel input
+# to an object kind it was never asked for.
+HELD_OUT_TARGETS = ("blue triangle", "yellow circle")
+TARGET_SPLITS = ("seen", "held_out")
 BACKGROUND = (196, 184, 160)
 GRIPPER_COLOUR = (25, 25, 25)
 
@@ -81,6 +87,11 @@ class PixelRefConfig:
     expert_noise: float = 0.03  # std of the translation noise executed while demonstrating
     max_steps: int = 32
     hold_steps: int = 1  # dataset: closed-gripper steps recorded after the grasp
+    # Which kinds the target is drawn from: "seen" = every colour-shape kind but
+    # `held_out_targets` (training data and the in-distribution evaluation), "held_out" =
+    # only those.
+    target_split: str = "seen"
+    held_out_targets: tuple[str, ...] = HELD_OUT_TARGETS
 
     def __post_init__(self):
         if not 1 <= self.max_lookalikes <= self.max_objects - 1:
@@ -98,11 +109,37 @@ class PixelRefConfig:
                 f"PixelRefConfig: need 2 <= min_objects <= max_objects, got "
                 f"{self.min_objects}, {self.max_objects}."
             )
+        if self.target_split not in TARGET_SPLITS:
+            raise ValueError(
+                f"PixelRefConfig: target_split={self.target_split!r}; use one of {TARGET_SPLITS}."
+            )
+        known = {f"{c} {s}" for c in COLOURS for s in SHAPES}
+        if set(self.held_out_targets) - known:
+            raise ValueError(
+                f"PixelRefConfig: held_out_targets {sorted(set(self.held_out_targets) - known)} "
+                f"are not colour-shape kinds ('<colour> <shape>' of {list(COLOURS)}, {SHAPES})."
+            )
+        if not self.target_kinds():
+            raise ValueError(
+                f"PixelRefConfig: no {self.target_split!r} target kinds with colours "
+                f"{self.colours}, shapes {self.shapes} and held_out_targets "
+                f"{self.held_out_targets}."
+            )
         unknown = sorted(set(self.colours) - set(COLOURS)) + sorted(set(self.shapes) - set(SHAPES))
         if unknown:
             raise ValueError(
                 f"PixelRefConfig: unknown colours/shapes {unknown}; known {list(COLOURS)}, {SHAPES}."
             )
+
+    def target_kinds(self) -> list[tuple[str, str]]:
+        """(colour, shape) kinds the target is drawn from (`target_split`)."""
+        held_out = self.target_split == "held_out"
+        return [
+            (c, s)
+            for c in self.colours
+            for s in self.shapes
+            if (f"{c} {s}" in self.held_out_targets) == held_out
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +202,8 @@ def sample_scene(
     """
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     n_look = int(rng.integers(1, min(cfg.max_lookalikes, n - 1) + 1))
-    colour = cfg.colours[int(rng.integers(len(cfg.colours)))]
-    shape = cfg.shapes[int(rng.integers(len(cfg.shapes)))]
+    target_kinds = cfg.target_kinds()
+    colour, shape = target_kinds[int(rng.integers(len(target_kinds)))]
     kinds = [(colour, shape)] * (1 + n_look)
     others = [(c, s) for c in cfg.colours for s in cfg.shapes if (c, s) != (colour, shape)]
     if cfg.decoy_pair and n - len(kinds) >= 2:
@@ -318,6 +355,26 @@ class PixelRefEnv:
         return label
 
 
+# ------------------------------------------------------------------ evaluation splits
+
+# Scenes a policy is evaluated on. "in_distribution" draws scenes as the training data does;
+# "held_out_kinds" names only target kinds training never named (`HELD_OUT_TARGETS`);
+# "more_objects" holds more objects than any training scene (3-6 there).
+EVAL_SPLITS: dict[str, PixelRefConfig] = {
+    "in_distribution": PixelRefConfig(),
+    "held_out_kinds": PixelRefConfig(target_split="held_out"),
+    "more_objects": PixelRefConfig(min_objects=7, max_objects=8),
+}
+
+
+def split_env(split: str) -> Any:
+    """`env_cls(seed)` building PixelRef episodes of evaluation split `split`."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown PixelRef split {split!r}; use one of {tuple(EVAL_SPLITS)}.")
+    cfg = EVAL_SPLITS[split]
+    return lambda seed: PixelRefEnv(seed, cfg)
+
+
 # ------------------------------------------------------------------ dataset
 
 
@@ -457,8 +514,9 @@ def generate_dataset(
 
 
 # Bumped whenever the expert or the episode layout changes, so stale data is noticed.
-# 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs; 4: referred masks.
-DATA_VERSION = 4
+# 2: DART demonstrations (noisy execution, clean labels); 3: decoy pairs; 4: referred masks;
+# 5: held-out target kinds.
+DATA_VERSION = 5
 GENERATOR_FILE = "generator.json"  # = data.generate.GENERATOR_FILE, the completion marker
 
 

@@ -24,13 +24,20 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelvla_jax.data.normalization import open01_to_libero_gripper
+from pixelvla_jax.models.observation import (
+    PROMPT_BOX_BOTTOM_RIGHT,
+    PROMPT_BOX_TOP_LEFT,
+    PROMPT_LINE,
+    PROMPT_NEGATIVE,
+    PROMPT_POSITIVE,
+)
 
 
 def to_libero_actions(actions: np.ndarray, binarize: bool = True) -> np.ndarray:
@@ -127,7 +134,8 @@ def run_episodes(
       to_env_action: maps one policy action to the environment's convention.
       prompt_seed: seeds the visual prompts.
     Returns:
-      one dict per episode: seed, success, steps, instruction, chance, frames (recorded only).
+      one dict per episode: seed, success, steps, instruction, chance, outcome, frames and
+      prompts (recorded episodes only: per frame, the prompt acted on, `given_prompt`).
     """
     chunk = int(policy.chunk_size)
     execute = chunk if replan <= 0 else min(replan, chunk)
@@ -138,6 +146,7 @@ def run_episodes(
         envs = [env_cls(seeds[i]) for i in group]
         plans = [collections.deque() for _ in group]
         frames = {j: [envs[j].image()] for j, i in enumerate(group) if i in record}
+        given = {j: [None] for j in frames}  # per recorded frame, the prompt acted on
         calls = 0
         while True:
             active = [j for j, env in enumerate(envs) if not env.done]
@@ -145,24 +154,38 @@ def run_episodes(
                 break
             need = [j for j in active if not plans[j]]
             if need:
+                call_seed = prompt_seed * 1_000_003 + start * 1_009 + calls
+                images = [envs[j].image() for j in need]
+                masks = [envs[j].target_mask() for j in need]
                 actions = act_padded(
                     policy,
-                    [envs[j].image() for j in need],
+                    images,
                     [envs[j].instruction for j in need],
-                    [envs[j].target_mask() for j in need],
+                    masks,
                     prompt_kind,
                     batch_size,
-                    seed=prompt_seed * 1_000_003 + start * 1_009 + calls,
+                    seed=call_seed,
                 )
                 calls += 1
                 for k, j in enumerate(need):
                     plans[j].extend(actions[k, :execute])
+                    if j in given:
+                        given[j][-1] = given_prompt(
+                            policy,
+                            images[k],
+                            envs[j].instruction,
+                            masks[k],
+                            prompt_kind,
+                            call_seed,
+                            k,
+                        )
             for j in active:
                 envs[j].step(to_env_action(plans[j].popleft()))
                 if envs[j].done:
                     plans[j].clear()
                 if j in frames:
                     frames[j].append(envs[j].image())
+                    given[j].append(given[j][-1])
         for j, i in enumerate(group):
             env = envs[j]
             results.append(
@@ -174,6 +197,7 @@ def run_episodes(
                     "chance": float(getattr(env, "chance", float("nan"))),
                     "outcome": getattr(env, "outcome", None),
                     "frames": frames.get(j),
+                    "prompts": given.get(j),
                 }
             )
     return results
@@ -181,23 +205,115 @@ def run_episodes(
 
 # ------------------------------------------------------------------ reports
 
+# Overlay colours of the visual prompts drawn on rollout GIFs.
+PROMPT_COLOURS = {
+    "mask": (255, 0, 255),
+    PROMPT_POSITIVE: (0, 230, 0),
+    PROMPT_NEGATIVE: (255, 40, 40),
+    PROMPT_LINE: (0, 220, 255),
+    "box": (255, 150, 0),
+}
 
-def save_gif(frames: Sequence[np.ndarray], path: str, scale: int = 4, ms: int = 150) -> None:
-    """Writes uint8 [H, W, 3] frames as an animated GIF, upscaled `scale` x (nearest)."""
-    images = [
-        Image.fromarray(np.asarray(f, np.uint8)).resize(
+
+def given_prompt(policy: Any, image, instruction, mask, prompt_kind: str, seed: int, row: int):
+    """What `act_padded`'s row `row` of the call seeded `seed` was given, for drawing:
+    {pixel_mask, prompt_points, prompt_types, prompt_mask} from the policy's own
+    preprocessing (the same rng (seed, row)); None for a policy without `preprocess` (a
+    served one)."""
+    preprocess = getattr(policy, "preprocess", None)
+    if preprocess is None:
+        return None
+    has = mask is not None and np.asarray(mask).any()
+    obs = preprocess(
+        np.asarray(image)[None],
+        [instruction],
+        np.asarray(mask, np.float32)[None] if has else None,
+        [prompt_kind if has else "none"],
+        seed=seed,
+        first_index=row,
+    )
+    return {
+        k: np.asarray(getattr(obs, k))[0]
+        for k in ("pixel_mask", "prompt_points", "prompt_types", "prompt_mask")
+    }
+
+
+def draw_prompt(image: Image.Image, prompt: dict | None) -> Image.Image:
+    """Draws a given prompt (`given_prompt`) onto an (upscaled) frame: mask outlines, points
+    (positive green, negative red), the line's stroke and the box."""
+    if prompt is None:
+        return image
+    w, h = image.size
+    draw = ImageDraw.Draw(image)
+    for key in ("pixel_mask", "prompt_mask"):
+        m = np.asarray(prompt[key]) > 0.5
+        if m.any():
+            big = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h))) > 127
+            inner = big.copy()
+            inner[1:-1, 1:-1] &= big[:-2, 1:-1] & big[2:, 1:-1] & big[1:-1, :-2] & big[1:-1, 2:]
+            rim = np.dstack([big & ~inner] * 3)
+            frame = np.asarray(image).copy()
+            np.copyto(frame, np.asarray(PROMPT_COLOURS["mask"], np.uint8), where=rim)
+            image = Image.fromarray(frame)
+            draw = ImageDraw.Draw(image)
+    points = np.asarray(prompt["prompt_points"]) * (w, h)
+    types = np.asarray(prompt["prompt_types"])
+    line = [tuple(p) for p, t in zip(points, types) if t == PROMPT_LINE]
+    if len(line) > 1:
+        draw.line(line, fill=PROMPT_COLOURS[PROMPT_LINE], width=2)
+    corners = {int(t): tuple(p) for p, t in zip(points, types)}
+    if PROMPT_BOX_TOP_LEFT in corners and PROMPT_BOX_BOTTOM_RIGHT in corners:
+        draw.rectangle(
+            [corners[PROMPT_BOX_TOP_LEFT], corners[PROMPT_BOX_BOTTOM_RIGHT]],
+            outline=PROMPT_COLOURS["box"],
+            width=2,
+        )
+    for (x, y), t in zip(points, types):
+        if t in (PROMPT_POSITIVE, PROMPT_NEGATIVE):
+            draw.ellipse(
+                [x - 4, y - 4, x + 4, y + 4], fill=PROMPT_COLOURS[int(t)], outline="white"
+            )
+    return image
+
+
+def save_gif(
+    frames: Sequence[np.ndarray],
+    path: str,
+    scale: int = 4,
+    ms: int = 150,
+    prompts: Sequence[dict | None] | None = None,
+) -> None:
+    """Writes uint8 [H, W, 3] frames as an animated GIF, upscaled `scale` x (nearest), with
+    the prompt given at each frame drawn on it (`prompts`, one per frame, optional)."""
+    images = []
+    for k, f in enumerate(frames):
+        image = Image.fromarray(np.asarray(f, np.uint8)).resize(
             (f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST
         )
-        for f in frames
-    ]
+        images.append(draw_prompt(image, prompts[k] if prompts else None))
     images[0].save(path, save_all=True, append_images=images[1:], duration=ms, loop=0)
 
 
+_SPLIT_COLOURS = [(66, 133, 244), (251, 188, 5), (52, 168, 83), (150, 150, 150)]
+
+
 def bar_plot(
-    rates: dict[str, float], path: str, chance: float | None = None, title: str = ""
+    rates: dict[str, float] | dict[str, dict[str, float]],
+    path: str,
+    chance: float | None = None,
+    title: str = "",
 ) -> None:
-    """Success rate per prompt kind as a PNG bar chart (PIL only), chance as a dashed line."""
-    width, height, left, bottom, top = 120 + 90 * len(rates), 320, 50, 40, 40
+    """Success rate per prompt kind as a PNG bar chart (PIL only), chance as a dashed line.
+
+    `rates`: {kind: rate}, or {split: {kind: rate}} for one bar per split in each kind's
+    group (a legend names the splits)."""
+    if rates and not isinstance(next(iter(rates.values())), dict):
+        rates = {"": rates}
+    splits = list(rates)
+    kinds = list(dict.fromkeys(k for r in rates.values() for k in r))
+    bar = 60 if len(splits) == 1 else max(16, 66 // len(splits))
+    group = bar * len(splits) + 30
+    width, height, left, bottom, top = 120 + group * len(kinds), 340, 50, 40, 60
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     plot_h = height - bottom - top
@@ -208,11 +324,23 @@ def bar_plot(
         draw.line([(left - 4, y), (left, y)], "black")
         draw.text((5, y - 6), f"{int(tick * 100)}%", fill="black")
     palette = [(66, 133, 244), (52, 168, 83), (251, 188, 5), (234, 67, 53), (150, 150, 150)]
-    for k, (name, rate) in enumerate(rates.items()):
-        x0 = left + 20 + 90 * k
-        draw.rectangle([x0, y_of(rate), x0 + 60, y_of(0)], fill=palette[k % len(palette)])
-        draw.text((x0 + 12, y_of(rate) - 14), f"{rate * 100:.0f}%", fill="black")
-        draw.text((x0 + 5, height - bottom + 8), name, fill="black")
+    for k, kind in enumerate(kinds):
+        x0 = left + 20 + group * k
+        for s, split in enumerate(splits):
+            if kind not in rates[split]:
+                continue
+            rate = rates[split][kind]
+            colour = palette[k % len(palette)] if len(splits) == 1 else _SPLIT_COLOURS[s % 4]
+            xs = x0 + bar * s
+            draw.rectangle([xs, y_of(rate), xs + bar - 2, y_of(0)], fill=colour)
+            draw.text((xs + 1, y_of(rate) - 14), f"{rate * 100:.0f}", fill="black")
+        draw.text((x0 + 5, height - bottom + 8), kind, fill="black")
+    if len(splits) > 1:
+        x = left
+        for s, split in enumerate(splits):
+            draw.rectangle([x, 30, x + 10, 40], fill=_SPLIT_COLOURS[s % 4])
+            draw.text((x + 14, 29), split, fill="black")
+            x += 24 + 7 * len(split)
     if chance is not None and np.isfinite(chance):
         y = y_of(chance)
         for x in range(left, width - 10, 10):
@@ -221,6 +349,40 @@ def bar_plot(
     if title:
         draw.text((left, 10), title, fill="black")
     img.save(path)
+
+
+def _evaluate_split(
+    policy, env_cls, seeds, prompt_kinds, replan, batch_size, record, prompt_seed, out_dir, tag
+) -> dict:
+    """One environment (split): {success, outcomes, chance_rate, episodes} per prompt kind;
+    recorded episodes are written as GIFs `<tag><kind>_<seed>.gif` into `out_dir`."""
+    out: dict[str, Any] = {"success": {}, "episodes": {}}
+    chances: list[float] = []
+    for kind in prompt_kinds:
+        episodes = run_episodes(
+            policy,
+            env_cls,
+            seeds,
+            kind,
+            replan=replan,
+            batch_size=batch_size,
+            record=record,
+            prompt_seed=prompt_seed,
+        )
+        out["success"][kind] = float(np.mean([e["success"] for e in episodes]))
+        ends = [e["outcome"] for e in episodes if e["outcome"] is not None]
+        if ends:
+            out.setdefault("outcomes", {})[kind] = {o: ends.count(o) for o in sorted(set(ends))}
+        chances = [e["chance"] for e in episodes]
+        for e in episodes:
+            frames, given = e.pop("frames"), e.pop("prompts", None)
+            if frames and out_dir:
+                save_gif(
+                    frames, os.path.join(out_dir, f"{tag}{kind}_{e['seed']}.gif"), prompts=given
+                )
+        out["episodes"][kind] = episodes
+    out["chance_rate"] = float(np.mean(chances)) if chances else float("nan")
+    return out
 
 
 def evaluate_policy(
@@ -235,71 +397,91 @@ def evaluate_policy(
     videos: int = 2,
     batch_size: int = 50,
     title: str = "",
+    split: str = "",
+    more_splits: Mapping[str, Callable[[int], Any]] | None = None,
 ) -> dict:
     """Success rate per prompt kind over the same `num_episodes` seeded episodes.
 
     Returns {"num_episodes", "seed", "replan", "chance_rate", "success": {kind: rate},
     "episodes": {kind: [{seed, success, steps, instruction, chance, outcome}]}} and, for
-    environments with an `outcome` (PixelRef), "outcomes": {kind: {outcome: count}}; with
-    `out_dir`, also
-    writes results.json, success.png and `videos` GIFs per kind (<kind>_<seed>.gif).
+    environments with an `outcome` (PixelRef), "outcomes": {kind: {outcome: count}}.
+    `more_splits` ({name: env_cls}) are evaluated on the same seeds and kinds: then
+    "splits" holds {name: {success, outcomes, chance_rate}} for `split` (the name of
+    `env_cls`'s, the top-level figures) and each of them, with their "episodes". With
+    `out_dir`, also writes results.json, success.png (one bar per split in each kind's
+    group) and `videos` GIFs per kind of the first split (<kind>_<seed>.gif), the prompt
+    given drawn on each frame.
     """
     seeds = episode_seeds(seed, num_episodes)
     record = range(min(videos, num_episodes)) if out_dir else ()
     batch_size = max(1, min(batch_size, num_episodes))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    first = _evaluate_split(
+        policy, env_cls, seeds, prompt_kinds, replan, batch_size, record, seed, out_dir, ""
+    )
     results: dict[str, Any] = {
         "num_episodes": num_episodes,
         "seed": seed,
         "replan": replan,
-        "success": {},
-        "episodes": {},
+        **first,
     }
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    chances = []
-    for kind in prompt_kinds:
-        episodes = run_episodes(
-            policy,
-            env_cls,
-            seeds,
-            kind,
-            replan=replan,
-            batch_size=batch_size,
-            record=record,
-            prompt_seed=seed,
-        )
-        results["success"][kind] = float(np.mean([e["success"] for e in episodes]))
-        ends = [e["outcome"] for e in episodes if e["outcome"] is not None]
-        if ends:
-            results.setdefault("outcomes", {})[kind] = {o: ends.count(o) for o in sorted(set(ends))}
-        chances = [e["chance"] for e in episodes]
-        for e in episodes:
-            frames = e.pop("frames")
-            if frames and out_dir:
-                save_gif(frames, os.path.join(out_dir, f"{kind}_{e['seed']}.gif"))
-        results["episodes"][kind] = episodes
-    results["chance_rate"] = float(np.mean(chances)) if chances else float("nan")
+    if more_splits:
+        summary = ("success", "outcomes", "chance_rate")
+        results["splits"] = {split or "default": {k: first[k] for k in summary if k in first}}
+        for name, split_env in more_splits.items():
+            results["splits"][name] = _evaluate_split(
+                policy, split_env, seeds, prompt_kinds, replan, batch_size, (), seed, "", ""
+            )
     if out_dir:
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        bar_plot(
-            results["success"],
-            os.path.join(out_dir, "success.png"),
-            results["chance_rate"],
-            title,
+        rates = (
+            {name: r["success"] for name, r in results["splits"].items()}
+            if more_splits
+            else results["success"]
         )
+        bar_plot(rates, os.path.join(out_dir, "success.png"), results["chance_rate"], title)
     return results
 
 
 def format_table(results: dict) -> str:
-    """A console table of success per prompt kind (and the chance rate)."""
+    """A console table of success per prompt kind (and the chance rate); with several
+    splits (`evaluate_policy`'s more_splits) one success column per split, and how each
+    split's failed episodes ended."""
     n = results["num_episodes"]
-    outcomes = results.get("outcomes", {})
-    lines = [f"{'prompt':<10}{'success':>10}{'episodes':>10}  how episodes ended", "-" * 50]
-    for kind, rate in results["success"].items():
-        ends = ", ".join(f"{o} {c}" for o, c in outcomes.get(kind, {}).items())
-        lines.append(f"{kind:<10}{rate * 100:>9.1f}%{n:>10d}  {ends}".rstrip())
-    chance = results.get("chance_rate")
-    if chance is not None and np.isfinite(chance):
-        lines.append(f"{'chance':<10}{chance * 100:>9.1f}%")
+    splits = results.get("splits")
+    if not splits:
+        splits = {
+            "": {k: results[k] for k in ("success", "outcomes", "chance_rate") if k in results}
+        }
+    names = list(splits)
+    width = max(10, *(len(s) + 2 for s in names))
+    header = f"{'prompt':<10}" + "".join(f"{s or 'success':>{width}}" for s in names)
+    lines = [
+        f"{header}  how failed episodes ended ({n} episodes per cell)",
+        "-" * (len(header) + 30),
+    ]
+    for kind in results["success"]:
+        cells, ends = "", []
+        for name in names:
+            rate = splits[name]["success"].get(kind)
+            cells += f"{rate * 100:>{width - 1}.1f}%" if rate is not None else " " * width
+            failed = {
+                o: c
+                for o, c in splits[name].get("outcomes", {}).get(kind, {}).items()
+                if o != "target"
+            }
+            ends.append(", ".join(f"{o} {c}" for o, c in failed.items()) or "-")
+        ends_text = ends[0] if len(names) == 1 else " | ".join(ends)
+        lines.append(f"{kind:<10}{cells}  {ends_text}".rstrip())
+    chances = [splits[s].get("chance_rate") for s in names]
+    if any(c is not None and np.isfinite(c) for c in chances):
+        lines.append(
+            f"{'chance':<10}"
+            + "".join(
+                f"{c * 100:>{width - 1}.1f}%" if c is not None and np.isfinite(c) else " " * width
+                for c in chances
+            )
+        )
     return "\n".join(lines)
