@@ -270,9 +270,7 @@ def draw_prompt(image: Image.Image, prompt: dict | None) -> Image.Image:
         )
     for (x, y), t in zip(points, types):
         if t in (PROMPT_POSITIVE, PROMPT_NEGATIVE):
-            draw.ellipse(
-                [x - 4, y - 4, x + 4, y + 4], fill=PROMPT_COLOURS[int(t)], outline="white"
-            )
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=PROMPT_COLOURS[int(t)], outline="white")
     return image
 
 
