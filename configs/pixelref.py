@@ -31,7 +31,16 @@ Variants:
 from pixelvla_jax.data.prompts import DEFAULT_KIND_PROBS
 from pixelvla_jax.training.config import base_config
 
-VARIANTS = ("default", "mask_only", "prompts", "no_pixel", "tiny", "pi0", "pi0_no_pixel", "pi0_tiny")
+VARIANTS = (
+    "default",
+    "mask_only",
+    "prompts",
+    "no_pixel",
+    "tiny",
+    "pi0",
+    "pi0_no_pixel",
+    "pi0_tiny",
+)
 
 
 def get_config(variant: str = "default"):
