@@ -6,6 +6,7 @@ Every server binds to 127.0.0.1 on a free port; every loop is bounded in count a
 """
 
 import concurrent.futures
+import dataclasses
 import glob
 import http.client
 import os
@@ -306,6 +307,98 @@ def test_explicit_visual_prompts_equal_policy_act(served, policy):
         )["actions"]
         want = policy.act(image[None], [text], mask[None], ["mask"])[0]
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_server_rows_are_policy_preprocess_arrays(policy):
+    """The server builds each request's row as it arrives (`PolicyRunner.prepare`:
+    `Policy.example`) and stacks a batch once (`Policy.collate`, padded to a bucket): the
+    same arrays as `Policy.preprocess` on the whole batch, every prompt kind, row for row."""
+    from pixelvla_jax.serving.batching import PolicyRunner
+    from pixelvla_jax.serving.requests import parse_request
+
+    scenes = [_scene(300 + k) for k in range(5)]
+    kinds = ["mask", "points", "line", "box", "none"]
+    images, texts, masks = (np.stack([s[0] for s in scenes]), [s[1] for s in scenes],
+                            np.stack([s[2] for s in scenes]))  # fmt: skip
+    want = policy.preprocess(images, texts, masks, kinds, seed=7)
+    runner = PolicyRunner(policy, max_batch=8)
+    rows = [
+        runner.prepare(parse_request(observation(i, t, m, k, seed=[7, n]), kinds))
+        for n, (i, t, m, k) in enumerate(zip(images, texts, masks, kinds, strict=True))
+    ]
+    got = policy.collate(rows, pad_to=8)
+    for name, leaf in vars(want).items():
+        if leaf is None:
+            assert getattr(got, name) is None, name
+            continue
+        got_leaf = getattr(got, name)
+        assert got_leaf.shape == (8, *leaf.shape[1:]) and got_leaf.dtype == leaf.dtype, name
+        np.testing.assert_array_equal(got_leaf[:5], leaf, err_msg=name)
+        np.testing.assert_array_equal(got_leaf[5:], np.repeat(leaf[:1], 3, axis=0), err_msg=name)
+
+
+@dataclasses.dataclass
+class _FakeRequest:
+    index: int
+    seed: int = 0
+
+
+class _FakeRunner:
+    """The model side as the Batcher sees it: rows are the requests; per-bucket times given."""
+
+    def __init__(self, bucket_ms):
+        from pixelvla_jax.serving.batching import PolicyRunner
+
+        self.buckets = tuple(sorted(bucket_ms))
+        self.bucket_ms = dict(bucket_ms)
+        self.efficient_rows = lambda: PolicyRunner.efficient_rows(self)
+        self.batches = []
+
+    def prepare_timed(self, request):
+        return request, 0.0
+
+    def run(self, rows, seed):
+        from pixelvla_jax.serving.batching import RowResult
+
+        self.batches.append(len(rows))
+        return [RowResult(actions=np.full((1, 7), r.index, np.float32)) for r in rows]
+
+
+def test_efficient_rows_follow_the_measured_bucket_times():
+    # A CPU: time grows with the batch, so half a batch is as cheap per row as a full one.
+    linear = _FakeRunner({1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2})
+    assert linear.efficient_rows() == {4, 7, 8, 13, 14, 15, 16}  # within 25% of 11.2 / 16
+    # An accelerator below capacity: the time hardly grows; only a (nearly) full batch does.
+    flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
+    assert flat.efficient_rows() == {13, 14, 15, 16}
+    assert _FakeRunner({}).efficient_rows() == frozenset()  # not warmed up: no early close
+
+
+def test_batch_closes_early_when_its_rows_are_already_cheap():
+    """16 clients connected, a 60 s window: with a linear model an idle model takes the 8
+    requests waiting (as cheap per row as 16) instead of waiting for the other 8; with a flat
+    one it waits for all 16 (every connected client has one waiting)."""
+    import asyncio
+
+    from pixelvla_jax.serving.batching import Batcher
+
+    async def batches(runner, arrivals):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(runner, 16, 60.0, lambda: 16, pool)
+            task = asyncio.create_task(batcher.run())
+            futures = []
+            for n in arrivals:
+                futures += [batcher.submit(_FakeRequest(len(futures) + k)) for k in range(n)]
+                await asyncio.sleep(0.05)
+            results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+            task.cancel()
+        assert [int(r.actions[0, 0]) for r in results] == list(range(len(futures)))
+        return runner.batches
+
+    linear = _FakeRunner({1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2})
+    assert asyncio.run(batches(linear, [5, 3, 8])) == [8, 8]
+    flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
+    assert asyncio.run(batches(flat, [5, 3, 8])) == [16]
 
 
 def test_eight_concurrent_clients_get_their_own_actions_from_batched_calls(served, policy):
@@ -638,14 +731,14 @@ def test_openpi_client_unchanged_gets_metadata_and_policy_actions(served, policy
 
 def test_wrist_image_and_state_reach_the_policy_preprocessing():
     """The server's runner hands `observation/wrist_image` and `observation/state` to
-    `Policy.preprocess` (a run trained with them uses them; others ignore them)."""
+    `Policy.example` (a run trained with them uses them; others ignore them)."""
     from pixelvla_jax.serving.batching import PolicyRunner
     from pixelvla_jax.serving.requests import parse_request
 
     seen = {}
 
     class Recorder:
-        def preprocess(self, *args, **kwargs):
+        def example(self, *args, **kwargs):
             seen.update(kwargs)
             return "row"
 
@@ -659,8 +752,8 @@ def test_wrist_image_and_state_reach_the_policy_preprocessing():
         "prompt": "pick the cube",
     }
     assert PolicyRunner(Recorder(), 1).prepare(parse_request(obs, ("none",))) == "row"
-    np.testing.assert_array_equal(seen["wrist_images"], wrist[None])
-    np.testing.assert_array_equal(seen["states"], state[None])
+    np.testing.assert_array_equal(seen["wrist_image"], wrist)
+    np.testing.assert_array_equal(seen["state"], state)
     del obs["observation/wrist_image"], obs["observation/state"]
     PolicyRunner(Recorder(), 1).prepare(parse_request(obs, ("none",)))
-    assert seen["wrist_images"] is None and seen["states"] is None
+    assert seen["wrist_image"] is None and seen["state"] is None

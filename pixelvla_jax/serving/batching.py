@@ -1,20 +1,27 @@
 """Batching across clients: checked requests -> one padded, precompiled `Policy.predict` call.
 
-`PolicyRunner` is the model side: each request is preprocessed alone by the policy's own
-path (`Policy.preprocess`, i.e. the training example builder) on the event loop as it
-arrives (~0.1 ms for a small frame; it overlaps the previous batch's model call, which runs
-with the interpreter lock released; handing each request to a preprocessing thread cost
-more than it saved: 667 vs 797 requests/s at 16 clients in bench/serve.py); on one model
-thread the rows are stacked, padded to the smallest of a few batch sizes (`batch_buckets`: powers of two
-up to `max_batch`, all compiled by `warmup`, so nothing compiles once the server is up) and
-run as one call. A request whose preprocessing fails gets its own error before it is
-queued; the others go on.
+`PolicyRunner` is the model side: each request becomes one row of the model input by the
+policy's own path (`Policy.example`, the training example builder, as `Policy.preprocess`
+builds each row) on the event loop as it arrives (~0.05 ms for a small frame; handing each
+request to a preprocessing thread cost more than it saved: 667 vs 797 requests/s at 16
+clients in bench/serve.py); on one model thread a batch's rows are stacked once
+(`Policy.collate`), padded to the smallest of a few batch sizes (`batch_buckets`: powers of
+two up to `max_batch`, all compiled and timed by `warmup`, so nothing compiles once the
+server is up) and run as one call. A request whose row cannot be built gets its own error
+before it is queued; the others go on.
 
-`Batcher` is the event-loop side: requests queue; a batch closes when `max_batch` requests
-wait, when every connected client has one waiting (a client of openpi's protocol has at most
-one request in flight, so nobody else can join: one client never waits for the window), or
-`window_s` after its first request. The model call runs in the executor, so the event loop
-(health checks, new connections, metadata) never waits behind it.
+`Batcher` is the event-loop side: requests queue; while the model is busy they wait, and once
+it is idle a batch closes when `max_batch` requests wait, when every connected client has one
+waiting (a client of openpi's protocol has at most one request in flight, so nobody else can
+join: one client never waits for the window), when the waiting rows already cost about as
+little per row as a full batch (`PolicyRunner.efficient_rows`, from the bucket times measured
+at warm-up), or `window_s` after its first request. The third rule is what keeps a CPU busy:
+there the model's time grows with the batch (16 rows ~7x one row), so with 16 clients two
+batches of 8 alternate, one running while the other's replies and next requests cross the
+network, instead of all 16 clients waiting in step for one batch (bench/serve.py: the model
+busy ~70% of the time in step, ~90% alternating). On an accelerator below capacity only a
+(nearly) full batch is that cheap, and the rule changes nothing. The model call runs in the
+executor, so the event loop (health checks, new connections, metadata) never waits behind it.
 
 Rows of one batch share one rng key (`seed` of its first request), used only by a discrete
 head that samples its action tokens (decode_temperature > 0); every other head's row i
@@ -30,10 +37,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from pixelvla_jax.serving.requests import Request
+
+# A batch closes early (the model idle) once its rows cost at most this much more per row than
+# the cheapest batch (`PolicyRunner.efficient_rows`); a negative value turns the rule off.
+EFFICIENT_TOLERANCE = 0.25
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -80,34 +90,30 @@ class PolicyRunner:
         self.buckets = batch_buckets(max_batch)
         self.calls = 0  # batched model calls made
         self.rows = 0  # real (unpadded) rows run
+        self.bucket_ms: dict[int, float] = {}  # each bucket's model call, timed by `warmup`
 
     def prepare(self, request: Request) -> Any:
-        """One request -> one row of the model input (`Policy.preprocess`, batch of 1)."""
-        return self.policy.preprocess(
-            request.image[None],
-            [request.instruction],
-            None if request.target_mask is None else request.target_mask[None],
-            [request.prompt_kind],
+        """One checked request -> one row of the model input (`Policy.example`: the
+        training example builder's acting example, as `Policy.preprocess` builds each row)."""
+        return self.policy.example(
+            request.image,
+            request.instruction,
+            request.target_mask,
+            request.prompt_kind,
             seed=request.seed,
-            visual_prompts=[request.visual_prompt],
-            first_index=request.index,
-            wrist_images=None if request.wrist_image is None else request.wrist_image[None],
-            states=None if request.state is None else request.state[None],
+            index=request.index,
+            visual_prompt=request.visual_prompt,
+            wrist_image=request.wrist_image,
+            state=request.state,
         )
 
     def predict(self, rows: Sequence[Any], seed: int) -> tuple[np.ndarray, int]:
-        """Stacked rows padded to a bucket -> ([n, N_c, A] actions, padded batch size)."""
+        """Rows stacked and padded to a bucket -> ([n, N_c, A] actions, padded batch size)."""
         n = len(rows)
         size = next((b for b in self.buckets if b >= n), None)
         if size is None:
             raise ValueError(f"{n} rows > the largest batch {self.buckets[-1]}.")
-
-        def stack(*leaves):
-            x = np.concatenate(leaves, axis=0)
-            return np.concatenate([x, np.repeat(x[:1], size - n, axis=0)]) if size > n else x
-
-        obs = jax.tree.map(stack, *rows)
-        actions = self.policy.predict(obs, seed=seed)[:n]
+        actions = self.policy.predict(self.policy.collate(rows, pad_to=size), seed=seed)[:n]
         self.calls += 1
         self.rows += n
         return actions, size
@@ -125,8 +131,10 @@ class PolicyRunner:
         timing = {"infer_ms": infer_ms, "batch_size": len(rows), "padded_batch": size}
         return [RowResult(actions=a, timing=dict(timing)) for a in actions]
 
-    def warmup(self, image_hw: tuple[int, int] = (64, 64)) -> None:
-        """Compiles every bucket (a blank frame, kind "none")."""
+    def warmup(self, image_hw: tuple[int, int] = (64, 64), repeats: int = 10) -> None:
+        """Compiles every bucket (a blank frame, kind "none"), then times each: the fastest
+        of `repeats` calls (taken in turn, so a busy moment spreads over all buckets), in
+        `bucket_ms` (what `efficient_rows` reads)."""
         from pixelvla_jax.serving.requests import Request
 
         blank = Request(np.zeros((*image_hw, 3), np.uint8), "warm up", None, "none", None, 0, 0)
@@ -138,7 +146,33 @@ class PolicyRunner:
         row = self.prepare(blank)
         for size in self.buckets:
             self.predict([row] * size, seed=0)
+        times = {size: [] for size in self.buckets}
+        for _ in range(repeats):
+            for size in self.buckets:
+                t = time.perf_counter()
+                self.predict([row] * size, seed=0)
+                times[size].append(time.perf_counter() - t)
+        self.bucket_ms = {size: min(t) * 1e3 for size, t in times.items()}
         self.calls = self.rows = 0
+
+    def efficient_rows(self, tolerance: float | None = None) -> frozenset[int]:
+        """The row counts n whose padded call costs at most (1 + tolerance) x the cheapest
+        per-row time of any bucket (`bucket_ms`, measured by `warmup`; empty before it).
+
+        Where the model's time grows with the batch (a CPU: 16 rows cost ~7x one row) half a
+        batch is already as cheap per row as a full one, so waiting for more requests only
+        leaves the model idle; where it hardly grows (an accelerator below its capacity) only
+        the full batch qualifies.
+        """
+        if not self.bucket_ms:
+            return frozenset()
+        tolerance = EFFICIENT_TOLERANCE if tolerance is None else tolerance
+        best = min(ms / size for size, ms in self.bucket_ms.items())
+        return frozenset(
+            n
+            for n in range(1, self.buckets[-1] + 1)
+            if self.bucket_ms[next(b for b in self.buckets if b >= n)] / n <= (1 + tolerance) * best
+        )
 
 
 @dataclasses.dataclass
@@ -177,39 +211,55 @@ class Batcher:
         self.executor = executor
         self._pending: list[_Pending] = []
         self._arrived = asyncio.Event()
+        self._efficient = runner.efficient_rows()
+        # The batch being formed wakes the loop task once this many requests are queued (not
+        # at every arrival: 16 clients would wake it 16 times per batch).
+        self._wake_at = 1
 
-    async def submit(self, request: Request) -> RowResult:
-        """Preprocesses and queues one request; returns its RowResult once its batch has run.
-        A request the policy's preprocessing refuses (ValueError) gets its own error."""
-        loop = asyncio.get_running_loop()
+    def submit(self, request: Request) -> asyncio.Future:
+        """Preprocesses and queues one request -> a future of its RowResult, set once its
+        batch has run; cancelling it (deadline, disconnect) drops the request from its batch.
+        A request the policy's preprocessing refuses (ValueError) gets its own error at once."""
+        future = asyncio.get_running_loop().create_future()
         try:
             row, prep_ms = self.runner.prepare_timed(request)
         except ValueError as err:  # the observation's fault: that client's error only
-            return RowResult(error=err)
-        future = loop.create_future()
+            future.set_result(RowResult(error=err))
+            return future
         self._pending.append(_Pending(row, request.seed, future, time.perf_counter(), prep_ms))
+        if len(self._pending) >= self._wake_at:
+            self._arrived.set()
+        return future
+
+    def wake(self) -> None:
+        """Re-checks the batch being formed (a client left: one fewer request to wait for)."""
         self._arrived.set()
-        return await future  # cancelled (deadline, disconnect): the batch skips it
+
+    def _live(self) -> int:
+        self._pending = [p for p in self._pending if not p.future.done()]
+        return len(self._pending)
 
     async def _next_batch(self) -> list[_Pending]:
-        while True:
-            self._pending = [p for p in self._pending if not p.future.done()]
-            if self._pending:
-                break
+        self._wake_at = 1
+        while not self._live():
             self._arrived.clear()
             await self._arrived.wait()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.window_s
-        while len(self._pending) < min(self.max_batch, max(1, self.waiting_possible())):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        deadline = asyncio.get_running_loop().time() + self.window_s
+        while True:
+            want = min(self.max_batch, max(1, self.waiting_possible()))
+            live = self._live()
+            if live >= want or live in self._efficient:
                 break
+            self._wake_at = next(
+                n for n in range(live + 1, want + 1) if n == want or n in self._efficient
+            )
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                async with asyncio.timeout_at(deadline):
+                    await self._arrived.wait()
             except TimeoutError:
                 break
-            self._pending = [p for p in self._pending if not p.future.done()]
+        self._wake_at = 1
         batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
         return [p for p in batch if not p.future.done()]
 

@@ -65,7 +65,7 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A checked observation: `Policy.preprocess`'s arguments for one row."""
+    """A checked observation: `Policy.example`'s arguments (one row)."""
 
     image: np.ndarray  # uint8 [H, W, 3]
     instruction: str

@@ -62,8 +62,8 @@ class PolicyServer:
     """Serves one policy (module docstring).
 
     Args:
-      policy: a `pixelvla_jax.policy.Policy` (or anything with its `preprocess`, `predict`,
-        `chunk_size`, `action_dim`, `image_size`, `model_cfg`, `data_cfg`).
+      policy: a `pixelvla_jax.policy.Policy` (or anything with its `example`, `collate`,
+        `predict`, `chunk_size`, `action_dim`, `image_size`, `model_cfg`, `data_cfg`).
       host, port: where to listen (port 0: any free port; `port` holds it once serving).
       max_batch: the most requests per model call (1: one at a time, as openpi's server).
       batch_window_ms: how long a batch waits for other clients' requests.
@@ -227,11 +227,10 @@ class PolicyServer:
                         obs = msgpack_numpy.unpackb(message)
                     except ValueError as err:
                         raise RequestError(f"the request is not msgpack-numpy: {err}") from None
-                    request = parse_request(obs, self.accepted_kinds)
+                    future = self._batcher.submit(parse_request(obs, self.accepted_kinds))
                     try:
-                        result = await asyncio.wait_for(
-                            self._batcher.submit(request), self.request_timeout_s
-                        )
+                        async with asyncio.timeout(self.request_timeout_s):
+                            result = await future  # a timeout cancels it: its batch skips it
                     except TimeoutError:
                         raise RequestError(
                             f"no reply within the request deadline of {self.request_timeout_s} s "
@@ -262,6 +261,7 @@ class PolicyServer:
             pass  # the client left (between requests or mid-request): nothing to answer
         finally:
             self._connections -= 1
+            self._batcher.wake()
 
     async def _fail(self, ws, conn_id: int, n: int, obs: Any, message: str, bad: bool) -> None:
         log.info("connection %d request %d: %s", conn_id, n, message)
