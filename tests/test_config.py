@@ -88,6 +88,32 @@ def test_action_chunk_inherits_chunk_size():
     assert config_lib.data_config(cfg, "").action_chunk == 5
 
 
+@pytest.mark.parametrize(
+    "name, horizon, padded, steps",
+    [
+        ("pixelref:pi0", 8, 8, 7000),
+        ("pixelref:pi0_no_pixel", 8, 8, 7000),
+        ("pixelref:pi0_tiny", 8, 8, 20),
+        ("libero_pi0:tiny", 8, 32, None),  # openpi's 32 padded dims unless set
+    ],
+)
+def test_pi0_configs_resolve_horizon_and_padded_dims(name, horizon, padded, steps):
+    cfg = config_lib.load_config(name)
+    config_lib.validate_config(cfg)
+    model = config_lib.model_config(cfg)
+    assert (model.action_horizon, model.model_action_dim, model.model_state_dim) == (
+        horizon,
+        padded,
+        padded,
+    )
+    assert config_lib.data_config(cfg, "").action_chunk == horizon
+    if steps is not None:
+        assert config_lib.optim_config(cfg).total_steps == steps
+    cfg.model.padded_action_dim = 4  # narrower than the 7 actions / 8 proprio dims
+    with pytest.raises(config_lib.ConfigError, match="padded_action_dim=4 is narrower"):
+        config_lib.validate_config(cfg)
+
+
 def test_generator_image_size_inherits_data_image_size():
     cfg = config_lib.load_config("pixelref:tiny")
     cfg.data.image_size = 96

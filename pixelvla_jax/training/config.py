@@ -130,6 +130,9 @@ class ModelSection:
     preset: str = "tiny"  # one of MODEL_PRESETS[family]
     tiny_width: int = 0  # preset "tiny" only: LLM width (0: the preset's 64)
     tiny_depth: int = 0  # preset "tiny" only: LLM layers (0: the preset's 2)
+    # π0 family: the width actions and state are zero-padded to inside the model (0: the
+    # preset's 32, openpi's); a small expert trained from scratch wants it near action_dim.
+    padded_action_dim: int = 0
     pos_embed_init: str = "normal"  # ViT towers: "normal" or "sincos2d" (from scratch)
     head: str = "l1"  # "l1" (continuous chunk) or "discrete" (OpenVLA tokens)
     # L1 head decoding: "pixelvla" (causal prompt, learned bidirectional action slots) or
@@ -442,6 +445,14 @@ def _validate_pi0(cfg: ml_collections.ConfigDict, m: ModelSection) -> None:
         raise ConfigError(
             f"config.model.tiny_width={m.tiny_width} must be a multiple of 32 (0: the "
             f"preset's) and tiny_depth={m.tiny_depth} >= 0."
+        )
+    widest = max(cfg.data.action_dim, cfg.data.proprio_dim)
+    if m.padded_action_dim and m.padded_action_dim < widest:
+        raise ConfigError(
+            f"config.model.padded_action_dim={m.padded_action_dim} is narrower than the "
+            f"data's actions / proprio (data.action_dim={cfg.data.action_dim}, "
+            f"data.proprio_dim={cfg.data.proprio_dim}): use >= {widest}, or 0 for the "
+            "preset's 32."
         )
     if cfg.stage == "lora" and m.lora.rank <= 0 and m.lora.expert_rank <= 0:
         raise ConfigError(
@@ -846,6 +857,11 @@ def _pi0_model_config(cfg: ml_collections.ConfigDict, m: ModelSection) -> Any:
         )
     return preset.replace(
         action_horizon=m.chunk_size,
+        **(
+            {"model_action_dim": m.padded_action_dim, "model_state_dim": m.padded_action_dim}
+            if m.padded_action_dim
+            else {}
+        ),
         action_dim=data.action_dim,
         num_cameras=2 if m.use_wrist_image else 1,
         use_pixel_encoder=m.use_pixel_encoder,
