@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -135,6 +134,15 @@ class TreeUsage:
         self._thread.join()
 
 
+def _own_peak_rss() -> int:
+    """This process's peak resident set in bytes (/proc's VmHWM, reset by exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure_pipeline(args: dict) -> dict:
     """One pipeline configuration, in this (fresh) process: see the module docstring."""
     usage = TreeUsage()
@@ -181,11 +189,9 @@ def measure_pipeline(args: dict) -> dict:
         "cpu_ms_per_sample": cpu / samples * 1e3,
         "cores_used": cpu / elapsed,
         "first_batch_s": first_batch_s,
-        # The sampled tree sum, or this process's own peak if a spike fell between samples.
-        "peak_rss_mb": max(
-            usage.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        )
-        / 2**20,
+        # The sampled tree sum, or this process's own peak if a spike fell between samples
+        # (VmHWM: ru_maxrss would carry the parent's peak across fork + exec on Linux).
+        "peak_rss_mb": max(usage.peak_rss, _own_peak_rss()) / 2**20,
     }
 
 

@@ -351,7 +351,7 @@ class _FakeRunner:
 
         self.buckets = tuple(sorted(bucket_ms))
         self.bucket_ms = dict(bucket_ms)
-        self.efficient_rows = lambda: PolicyRunner.efficient_rows(self)
+        self.efficient_rows = lambda tolerance=None: PolicyRunner.efficient_rows(self, tolerance)
         self.batches = []
 
     def prepare_timed(self, request):
@@ -367,14 +367,15 @@ class _FakeRunner:
 def test_efficient_rows_follow_the_measured_bucket_times():
     # A CPU: time grows with the batch, so half a batch is as cheap per row as a full one.
     linear = _FakeRunner({1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2})
-    assert linear.efficient_rows() == {4, 7, 8, 13, 14, 15, 16}  # within 25% of 11.2 / 16
+    assert linear.efficient_rows(0.25) == {4, 7, 8, 13, 14, 15, 16}  # within 25% of 11.2 / 16
     # An accelerator below capacity: the time hardly grows; only a (nearly) full batch does.
     flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
-    assert flat.efficient_rows() == {13, 14, 15, 16}
-    assert _FakeRunner({}).efficient_rows() == frozenset()  # not warmed up: no early close
+    assert flat.efficient_rows(0.25) == {13, 14, 15, 16}
+    assert _FakeRunner({}).efficient_rows(0.25) == frozenset()  # not warmed up: no early close
+    assert linear.efficient_rows() == frozenset()  # the default: the rule is off
 
 
-def test_batch_closes_early_when_its_rows_are_already_cheap():
+def test_batch_closes_early_when_its_rows_are_already_cheap(monkeypatch):
     """16 clients connected, a 60 s window: with a linear model an idle model takes the 8
     requests waiting (as cheap per row as 16) instead of waiting for the other 8; with a flat
     one it waits for all 16 (every connected client has one waiting)."""
@@ -395,8 +396,12 @@ def test_batch_closes_early_when_its_rows_are_already_cheap():
         assert [int(r.actions[0, 0]) for r in results] == list(range(len(futures)))
         return runner.batches
 
-    linear = _FakeRunner({1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2})
-    assert asyncio.run(batches(linear, [5, 3, 8])) == [8, 8]
+    from pixelvla_jax.serving import batching
+
+    linear = {1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2}
+    assert asyncio.run(batches(_FakeRunner(linear), [5, 3, 8])) == [16]  # the default: off
+    monkeypatch.setattr(batching, "EFFICIENT_TOLERANCE", 0.25)
+    assert asyncio.run(batches(_FakeRunner(linear), [5, 3, 8])) == [8, 8]
     flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
     assert asyncio.run(batches(flat, [5, 3, 8])) == [16]
 

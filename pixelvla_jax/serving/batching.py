@@ -43,7 +43,10 @@ from pixelvla_jax.serving.requests import Request
 
 # A batch closes early (the model idle) once its rows cost at most this much more per row than
 # the cheapest batch (`PolicyRunner.efficient_rows`); a negative value turns the rule off.
-EFFICIENT_TOLERANCE = 0.25
+# Off by default: measured with bench/serve.py on an idle 2-core CPU at 16 clients, 0.25 gave
+# 611 / 931 requests/s (PixelRef default / tiny model; batches of ~8) against 685 / 972 with
+# it off (batches of 16): there the replies and new requests share the model's two cores.
+EFFICIENT_TOLERANCE = -1.0
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
