@@ -52,7 +52,9 @@ IMAGE = 256  # LIBERO's frame size; the pipeline resizes to 224
 LIBERO_NOISE_STD = 3.0  # grey levels of sensor noise: ~30 KB per 256 px JPEG at quality 95
 
 
-def write_dataset(root: str, name: str, num_episodes: int, length: int) -> str:
+def write_dataset(root: str, name: str, num_episodes: int, length: int, **frames) -> str:
+    """A synthetic LIBERO-layout dataset with pixel annotations under `root/name`; `frames`:
+    generate.write_synthetic_dataset's frame options. Returns its version directory."""
     data_dir = os.path.join(root, name)
     generate.write_synthetic_dataset(
         data_dir,
@@ -63,6 +65,7 @@ def write_dataset(root: str, name: str, num_episodes: int, length: int) -> str:
         with_annotations=True,
         name="synthetic_libero",
         seed=0,
+        **frames,
     )
     return os.path.join(data_dir, "synthetic_libero")
 
@@ -70,21 +73,15 @@ def write_dataset(root: str, name: str, num_episodes: int, length: int) -> str:
 def write_libero_like(root: str, num_episodes: int, length: int) -> str:
     """Issue 22's LIBERO-like dataset: textured, sensor-noisy 256 px frames at JPEG quality
     95, both cameras; returns its version directory."""
-    data_dir = os.path.join(root, "libero_like")
-    generate.write_synthetic_dataset(
-        data_dir,
-        fmt="libero",
-        num_episodes=num_episodes,
-        episode_lengths=length,
-        image_size=IMAGE,
-        with_annotations=True,
-        name="synthetic_libero",
-        seed=0,
+    return write_dataset(
+        root,
+        "libero_like",
+        num_episodes,
+        length,
         wrist=True,
         noise_std=LIBERO_NOISE_STD,
         jpeg_quality=95,
     )
-    return os.path.join(data_dir, "synthetic_libero")
 
 
 class TreeUsage:
