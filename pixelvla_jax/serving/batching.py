@@ -13,15 +13,14 @@ before it is queued; the others go on.
 `Batcher` is the event-loop side: requests queue; while the model is busy they wait, and once
 it is idle a batch closes when `max_batch` requests wait, when every connected client has one
 waiting (a client of openpi's protocol has at most one request in flight, so nobody else can
-join: one client never waits for the window), when the waiting rows already cost about as
-little per row as a full batch (`PolicyRunner.efficient_rows`, from the bucket times measured
-at warm-up), or `window_s` after its first request. The third rule is what keeps a CPU busy:
-there the model's time grows with the batch (16 rows ~7x one row), so with 16 clients two
-batches of 8 alternate, one running while the other's replies and next requests cross the
-network, instead of all 16 clients waiting in step for one batch (bench/serve.py: the model
-busy ~70% of the time in step, ~90% alternating). On an accelerator below capacity only a
-(nearly) full batch is that cheap, and the rule changes nothing. The model call runs in the
-executor, so the event loop (health checks, new connections, metadata) never waits behind it.
+join: one client never waits for the window), or `window_s` after its first request. An
+optional rule (`EFFICIENT_TOLERANCE` >= 0; off by default) also closes it once the waiting
+rows cost about as little per row as a full batch (`PolicyRunner.efficient_rows`, from the
+bucket times measured at warm-up): on a CPU, where 16 rows cost ~7x one row, two batches of
+8 then alternate instead of all clients waiting in step; measured on an idle 2-core CPU it
+lowered throughput (see `EFFICIENT_TOLERANCE`), since the replies and new requests it
+overlaps with the model share the same two cores. The model call runs in the executor, so
+the event loop (health checks, new connections, metadata) never waits behind it.
 
 Rows of one batch share one rng key (`seed` of its first request), used only by a discrete
 head that samples its action tokens (decode_temperature > 0); every other head's row i
@@ -135,9 +134,10 @@ class PolicyRunner:
         return [RowResult(actions=a, timing=dict(timing)) for a in actions]
 
     def warmup(self, image_hw: tuple[int, int] = (64, 64), repeats: int = 10) -> None:
-        """Compiles every bucket (a blank frame, kind "none"), then times each: the fastest
-        of `repeats` calls (taken in turn, so a busy moment spreads over all buckets), in
-        `bucket_ms` (what `efficient_rows` reads)."""
+        """Compiles every bucket (a blank frame, kind "none"); with the early-close rule on
+        (`EFFICIENT_TOLERANCE` >= 0) then times each: the fastest of `repeats` calls (taken
+        in turn, so a busy moment spreads over all buckets), in `bucket_ms` (what
+        `efficient_rows` reads). With the rule off nothing reads the times: none are taken."""
         from pixelvla_jax.serving.requests import Request
 
         blank = Request(np.zeros((*image_hw, 3), np.uint8), "warm up", None, "none", None, 0, 0)
@@ -149,6 +149,9 @@ class PolicyRunner:
         row = self.prepare(blank)
         for size in self.buckets:
             self.predict([row] * size, seed=0)
+        self.calls = self.rows = 0
+        if EFFICIENT_TOLERANCE < 0:
+            return
         times = {size: [] for size in self.buckets}
         for _ in range(repeats):
             for size in self.buckets:
