@@ -158,6 +158,8 @@ def evaluate(
 
     if suite not in SUITES:
         raise UnknownNameError(f"unknown suite {suite!r}; use one of {SUITES}.")
+    if suite == "pixelref":
+        _check_splits(splits)
     run = runs.load_run(checkpoint, step, load_params=False)  # a missing run fails here
     fitting = suite_datasets(suite, run.dataset_names)
     if not fitting and not allow_dataset_mismatch:
@@ -208,6 +210,15 @@ def evaluate(
     )
 
 
+def _check_splits(splits: tuple[str, ...]) -> None:
+    """PixelRef's scene splits must be names of `envs/pixelref.py` EVAL_SPLITS (checked
+    before any checkpoint or server is touched)."""
+    if not splits or any(s not in EVAL_SPLITS for s in splits):
+        raise UnknownNameError(
+            f"PixelRef splits {list(splits)}: give one or more of {tuple(EVAL_SPLITS)}."
+        )
+
+
 def _pixelref_prompt_kinds(pixel_input: str, prompt_kinds: tuple[str, ...]) -> tuple[str, ...]:
     """The prompt kinds a PixelRef evaluation runs: all asked for with oracle masks, only
     "none" without pixel inputs; PixelRef has no precomputed-mask files."""
@@ -228,11 +239,6 @@ def _evaluate_pixelref(
     from pixelvla_jax.envs import rollout
     from pixelvla_jax.envs.pixelref import split_env
 
-    unknown = [s for s in splits if s not in EVAL_SPLITS]
-    if unknown or not splits:
-        raise UnknownNameError(
-            f"PixelRef splits {list(splits)}: give one or more of {tuple(EVAL_SPLITS)}."
-        )
     return rollout.evaluate_policy(
         policy,
         split_env(splits[0]),
@@ -281,6 +287,7 @@ def evaluate_on_server(
         raise InvalidInputError("--server needs --out=DIR (there is no checkpoint to write under).")
     if suite == "pixelref":
         prompt_kinds = _pixelref_prompt_kinds(pixel_input, prompt_kinds)
+        _check_splits(splits)
     policy = RemotePolicy(server, connections=connections, api_key=api_key)
     try:
         if replan is None:  # the server names π0 runs "pi0" or "pixelvla_pi0" (encoders on)

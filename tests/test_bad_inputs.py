@@ -301,6 +301,10 @@ CASES = {
         r"'libero_spatial' \(a dataset named 'libero_spatial' or libero_spatial_\*\).*--allow_dataset_mismatch",
     ),
     "evaluate_unknown_suite": (_evaluate("mujoco"), r"unknown suite 'mujoco'; use one of"),
+    "evaluate_unknown_split": (
+        _evaluate("pixelref", splits=("in_distribution", "unseen")),
+        r"PixelRef splits \['in_distribution', 'unseen'\]: give one or more of",
+    ),
     "evaluate_missing_checkpoint": (
         _evaluate("pixelref", checkpoint=lambda r: r["root"] / "gone"),
         r"No checkpoints found at .*gone",
