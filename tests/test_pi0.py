@@ -170,3 +170,67 @@ def test_prefix_length_and_config_checks(obs):
     with pytest.raises(ValueError, match="action_dim"):
         CONFIG.replace(action_dim=33)
     assert gemma_2b().width == 2048 and gemma_300m().mlp_dim == 4096
+
+
+def test_patch_grounding_loss_adds_a_per_patch_bce_on_the_base_camera(params, obs):
+    """With `patch_grounding_weight`, the loss is the flow loss (unchanged, same rng) plus the
+    weight times a BCE of the base camera's image tokens against the grounding mask pooled
+    onto the patch grid; samples without a mask do not count; the train step's loss
+    function passes the batch's grounding targets."""
+    from pixelvla_jax.training import builder
+
+    weight = 0.5
+    config = CONFIG.replace(patch_grounding_weight=weight)
+    model, plain = Pi0(config), Pi0(CONFIG)
+    rng = np.random.default_rng(5)
+    width = config.vlm.width
+    grounded_params = {
+        **params,
+        "patch_grounding": {
+            "kernel": jnp.asarray(rng.normal(scale=0.3, size=(width, 1)).astype(np.float32)),
+            "bias": jnp.asarray([0.1], jnp.float32),
+        },
+    }
+    abstract = nn.meta.unbox(abstract_variables(config)["params"])
+    chex.assert_trees_all_equal_shapes(abstract, grounded_params)
+    size = config.image_size
+    grounding = np.zeros((B, size, size), np.float32)
+    grounding[0, 3:20, 30:50] = 1.0  # sample 0: one object
+    grounding[1, :10, :10] = 1.0  # sample 1: flagged absent, so not counted
+    has = jnp.asarray([True, False])
+    target = jnp.asarray(rng.uniform(-1, 1, (B, H, config.action_dim)).astype(np.float32))
+    pad = jnp.ones((B, H), bool)
+    key = jax.random.key(7)
+    batch = {
+        **{k: v for k, v in vars(obs).items() if v is not None},
+        "actions": target,
+        "action_pad_mask": pad,
+        "grounding_mask": jnp.asarray(grounding),
+        "has_grounding_mask": has,
+    }
+    x_t = jnp.zeros((B, H, config.model_action_dim), jnp.float32)
+
+    @jax.jit
+    def run(grounded, plain_params, batch):
+        # The train step's loss function (the batch's grounding targets passed through), the
+        # plain π0 loss at the same rng, and expert 0's outputs (the reference's input).
+        step = builder.make_loss_fn(model)(grounded, batch, key)
+        flow, _ = plain.apply({"params": plain_params}, obs, target, pad, key, method=Pi0.loss)
+        _, prefix_out = model.apply(
+            {"params": grounded}, obs, x_t, jnp.full((B,), 0.5), method=Pi0._forward
+        )
+        return step, flow, prefix_out
+
+    (loss, metrics), flow, prefix_out = run(grounded_params, params, batch)
+    assert {"loss", "flow_mse", "patch_grounding"} <= set(metrics)
+    chex.assert_trees_all_close(metrics["flow_mse"], flow, atol=1e-6, rtol=0)
+
+    # The reference: the first N_v prefix outputs (base camera) through the head.
+    n = config.num_image_tokens
+    grid, cell = int(n**0.5), size // int(n**0.5)
+    kernel = np.asarray(grounded_params["patch_grounding"]["kernel"])
+    logits = (np.asarray(prefix_out[0, :n]) @ kernel)[:, 0] + 0.1
+    pooled = grounding[0].reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(n)
+    bce = np.maximum(logits, 0) - logits * pooled + np.log1p(np.exp(-np.abs(logits)))
+    np.testing.assert_allclose(float(metrics["patch_grounding"]), bce.mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(flow) + weight * bce.mean(), rtol=1e-5)

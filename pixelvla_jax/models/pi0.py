@@ -51,6 +51,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from pixelvla_jax.models import gemma as gemma_lib
 from pixelvla_jax.models.gemma import Gemma, GemmaConfig, make_attn_mask, positions_from_mask
@@ -106,6 +107,11 @@ class Pi0Config:
       remat: rematerialise every layer in the backward pass (openpi: nothing saveable).
       time_beta_alpha, time_beta_beta, time_scale, time_offset: t ~ Beta(a, b) * scale + offset.
       min_period, max_period: the sin-cos time embedding's periods.
+      patch_grounding_weight: > 0 adds that weight times a per-patch BCE on the base camera's
+        image tokens (expert 0's last hidden states, `patch_grounding` Dense(1)) against the
+        objects the instruction names, pooled onto the patch grid (PixelVLA's own auxiliary
+        loss, as `PixelVLAConfig.patch_grounding_weight`; not part of π0). The prefix is
+        bidirectional, so image tokens already see the instruction. 0: exactly π0.
     """
 
     vlm: GemmaConfig = dataclasses.field(default_factory=gemma_lib.gemma_2b)
@@ -137,6 +143,7 @@ class Pi0Config:
     time_offset: float = 0.001
     min_period: float = 4e-3
     max_period: float = 4.0
+    patch_grounding_weight: float = 0.0
 
     def __post_init__(self):
         gemma_lib.check_experts((self.vlm, self.action_expert))
@@ -163,6 +170,10 @@ class Pi0Config:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"Pi0Config.dtype={self.dtype!r}; use one of {DTYPES}")
+        if not self.patch_grounding_weight >= 0.0:
+            raise ValueError(
+                f"Pi0Config.patch_grounding_weight={self.patch_grounding_weight} must be >= 0"
+            )
         if self.action_expert.width % 2:
             raise ValueError(
                 f"Pi0Config: action_expert.width={self.action_expert.width} must be even "
@@ -355,6 +366,8 @@ class Pi0(nn.Module):
             self.pixel_encoder = PixelEncoder(cfg.pixel_encoder, **kw)
         if cfg.use_prompt_encoder:
             self.prompt_encoder = PromptEncoder(cfg.prompt_encoder, **kw)
+        if cfg.patch_grounding_weight > 0.0:
+            self.patch_grounding = _dense(1, ("embed", None), **kw)
 
     # --- prefix / suffix -------------------------------------------------------------------
 
@@ -456,6 +469,13 @@ class Pi0(nn.Module):
     def velocity(self, obs: Observation, x_t: jax.Array, t: jax.Array) -> jax.Array:
         """One forward pass over prefix + suffix (no cache): x_t [B, H, 32], t [B] -> v_t
         [B, H, 32] float32."""
+        return self._forward(obs, x_t, t)[0]
+
+    def _forward(
+        self, obs: Observation, x_t: jax.Array, t: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """`velocity` and expert 0's last hidden states: -> (v_t [B, H, 32] float32, prefix
+        outputs [B, S, D])."""
         self._check_noise(x_t, obs.tokens.shape[0])
         prefix, prefix_mask, prefix_ar = self.embed_prefix(obs)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
@@ -464,8 +484,30 @@ class Pi0(nn.Module):
         ar_mask = jnp.concatenate([prefix_ar, suffix_ar])
         mask = make_attn_mask(input_mask, ar_mask)
         positions = positions_from_mask(input_mask)
-        (_, suffix_out), _ = self.PaliGemma.llm([prefix, suffix], positions, mask)
-        return self._read_velocity(suffix_out)
+        (prefix_out, suffix_out), _ = self.PaliGemma.llm([prefix, suffix], positions, mask)
+        return self._read_velocity(suffix_out), prefix_out
+
+    def _patch_grounding_loss(
+        self, target_mask: jax.Array, has_mask: jax.Array, prefix_out: jax.Array
+    ) -> jax.Array:
+        """Per-patch BCE of the base camera's image tokens (the prefix's first N_v outputs)
+        against `target_mask` [B, H, W] pooled onto the patch grid (the fraction of each
+        patch covered), averaged over the samples with a non-empty mask. -> scalar."""
+        n = self.config.num_image_tokens
+        grid = int(round(n**0.5))
+        batch, size = target_mask.shape[:2]
+        if grid * grid != n or size % grid:
+            raise ValueError(
+                f"patch grounding pools the grounding mask ({size} px) onto a square grid of "
+                f"{n} patches: the mask side must be a multiple of the grid side {grid}."
+            )
+        cell = size // grid
+        mask = jnp.asarray(target_mask, jnp.float32).reshape(batch, grid, cell, grid, cell)
+        target = mask.mean(axis=(2, 4)).reshape(batch, n)
+        logits = self.patch_grounding(prefix_out[:, :n])[..., 0].astype(jnp.float32)
+        bce = optax.sigmoid_binary_cross_entropy(logits, target)
+        weight = jnp.asarray(has_mask, jnp.float32) * (target.sum(-1) > 0)
+        return jnp.sum(bce.mean(-1) * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
     def _check_noise(self, x: jax.Array, batch: int) -> None:
         cfg = self.config
@@ -551,6 +593,8 @@ class Pi0(nn.Module):
         actions: jax.Array,
         action_pad_mask: jax.Array,
         rng: jax.Array,
+        grounding_mask: jax.Array | None = None,
+        has_grounding_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Flow-matching loss (openpi's convention, see the module docstring).
 
@@ -559,9 +603,13 @@ class Pi0(nn.Module):
           action_pad_mask: [B, H] bool, True on real chunk steps (all True: openpi's plain
             mean).
           rng: draws the noise and t.
+          grounding_mask, has_grounding_mask: [B, H, W], [B]: the patch-grounding target
+            (every object the instruction fits; the data pipeline's `grounding_mask`), used
+            when `patch_grounding_weight` > 0; None -> the pixel mask.
 
         Returns:
-          (scalar loss, {"loss", "flow_mse", "flow_mse_per_dim" [action_dim]}).
+          (scalar loss, {"loss", "flow_mse", "flow_mse_per_dim" [action_dim]}, and
+          "patch_grounding" when its weight is > 0).
         """
         cfg = self.config
         expected = (cfg.action_horizon, cfg.action_dim)
@@ -584,20 +632,31 @@ class Pi0(nn.Module):
         t3 = t[:, None, None]
         x_t = t3 * noise + (1.0 - t3) * target
         u_t = noise - target
-        v_t = self.velocity(obs, x_t, t)
+        v_t, prefix_out = self._forward(obs, x_t, t)
         err = jnp.square(v_t - u_t)  # [B, H, 32]
         weight = jnp.asarray(action_pad_mask, jnp.float32)
         denom = jnp.maximum(jnp.sum(weight), 1.0)
-        loss = jnp.sum(jnp.mean(err, axis=-1) * weight) / denom
+        flow = jnp.sum(jnp.mean(err, axis=-1) * weight) / denom
         per_dim = jnp.sum(err[..., : cfg.action_dim] * weight[..., None], axis=(0, 1)) / denom
-        return loss, {"loss": loss, "flow_mse": loss, "flow_mse_per_dim": per_dim}
+        metrics = {"flow_mse": flow, "flow_mse_per_dim": per_dim}
+        loss = flow
+        if cfg.patch_grounding_weight > 0.0:
+            if grounding_mask is None:
+                grounding_mask, has_grounding_mask = obs.pixel_mask, obs.has_pixel_mask
+            grounding = self._patch_grounding_loss(grounding_mask, has_grounding_mask, prefix_out)
+            metrics["patch_grounding"] = grounding
+            loss = loss + cfg.patch_grounding_weight * grounding
+        return loss, {"loss": loss, **metrics}
 
     def __call__(self, obs: Observation) -> jax.Array:
         """For `init`: one `velocity` pass at t = 0.5 from zero x_t (creates every param)."""
         cfg = self.config
         batch = obs.tokens.shape[0]
         x_t = jnp.zeros((batch, cfg.action_horizon, cfg.model_action_dim), jnp.float32)
-        return self.velocity(obs, x_t, jnp.full((batch,), 0.5, jnp.float32))
+        v_t, prefix_out = self._forward(obs, x_t, jnp.full((batch,), 0.5, jnp.float32))
+        if cfg.patch_grounding_weight > 0.0:
+            self.patch_grounding(prefix_out[:, :1])  # creates its params
+        return v_t
 
 
 def init_params_fn(model: Pi0):

@@ -55,7 +55,8 @@ def make_loss_fn(model: Any):
 
     PixelVLA's loss is deterministic (the rng is unused) and takes the grounding targets;
     every other family's is `loss(obs, actions, action_pad_mask, rng)` (π0 draws its noise
-    and flow time from the rng, the train step's `fold_in(state.rng, step)`).
+    and flow time from the rng, the train step's `fold_in(state.rng, step)`), plus the
+    grounding targets when the model has a patch-grounding weight (π0's optional one).
     """
 
     def loss_fn(params, batch, rng):
@@ -71,6 +72,17 @@ def make_loss_fn(model: Any):
                 batch.get("target_point"),
                 batch.get("has_target_point"),
                 method=PixelVLA.loss,
+            )
+        elif getattr(model.config, "patch_grounding_weight", 0.0) > 0.0:
+            loss, metrics = model.apply(
+                {"params": params},
+                obs,
+                batch["actions"],
+                batch["action_pad_mask"],
+                rng,
+                batch.get("grounding_mask"),
+                batch.get("has_grounding_mask"),
+                method=type(model).loss,
             )
         else:
             loss, metrics = model.apply(

@@ -153,6 +153,7 @@ class ModelSection:
     # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
     # at this weight against the referred-objects mask, else the target mask (needs
     # text_first); the discrete head decodes the target's centre as 2 tokens before the action.
+    # The π0 family takes patch_grounding_weight alone (its prefix is bidirectional).
     text_first: bool = False
     patch_grounding_weight: float = 0.0
     target_point_tokens: bool = False
@@ -432,7 +433,6 @@ def _validate_pi0(cfg: ml_collections.ConfigDict, m: ModelSection) -> None:
         "l1_mode",
         "decode_temperature",
         "text_first",
-        "patch_grounding_weight",
         "target_point_tokens",
     ):
         if getattr(m, key) != getattr(defaults, key):
@@ -871,6 +871,7 @@ def _pi0_model_config(cfg: ml_collections.ConfigDict, m: ModelSection) -> Any:
         scan_layers=m.scan_layers,
         max_text_tokens=data.max_tokens,
         max_prompt_points=data.prompt_cfg.max_points,
+        patch_grounding_weight=float(m.patch_grounding_weight),
     )
 
 

@@ -33,7 +33,8 @@ never uses) is skipped.
 Both importers return only the parts a π0 checkpoint has (`PaliGemma` and the five
 projections), cast to `dtype` and, if shardings are given, placed leaf by leaf on them.
 `merge_imported` puts them into freshly initialised params (keeping the pixel / prompt
-encoders and any LoRA adapters). Errors name every missing key and every shape mismatch.
+encoders, the patch-grounding head and any LoRA adapters). Errors name every missing key
+and every shape mismatch.
 
     imported = import_openpi("/ckpt/pi0_base/params", Pi0Config.pi0(), dtype=jnp.bfloat16)
     params = merge_imported(init_params, imported)
