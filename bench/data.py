@@ -1,7 +1,9 @@
 """Data pipeline benchmark: training-batch throughput and per-sample read cost.
 
-    python bench/data.py [--batches=20] [--threads=4] [--workers=0]
+    python bench/data.py [--batches=20] [--threads=-1] [--workers=0]
         [--libero_episodes=50] [--libero_steps=60] [--libero_batches=40]
+
+`--threads=-1` is the pipeline's default reader count, min(4, the usable CPUs): 2 here.
 
 1. Throughput: samples/s of the full pipeline (decode, the OpenVLA augmentation resampled
    from the 256 px frame to 224 with the mask, visual prompt, tokens, normalisation,
@@ -22,7 +24,8 @@
 Prints a table and ends with one `BENCH {...}` JSON line with issue 22's targets (on
 an idle 2-core machine: >= 770 samples/s at chunk 1, <= 2.7 ms CPU per sample, peak RSS <=
 600 MB, read-time ratio <= 1.5). On a shared machine the CPU per sample is the figure to
-read (other jobs' load lowers samples/s, not this process's CPU time). Runs in about 3
+read (other jobs' load lowers samples/s far more than this process's CPU time, though that
+too rises, by up to ~1.5x at a load average of 5-6 on 2 cores). Runs in about 3
 minutes on 2 CPU cores, most of it writing the synthetic datasets once; a smoke run:
 `--batches=3 --reads=20 --libero_episodes=4 --libero_steps=20 --libero_batches=4`.
 """
@@ -228,7 +231,9 @@ def read_times(sources, reads_per_round: int, rounds: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--threads", type=int, default=-1, help="reader threads; -1: the pipeline's default"
+    )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--reads", type=int, default=150, help="reads per timing round")
     parser.add_argument("--libero_episodes", type=int, default=50)
@@ -236,6 +241,8 @@ def main() -> None:
     parser.add_argument("--libero_batches", type=int, default=40, help="timed batches")
     parser.add_argument("--measure", default="", help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
+    if args.threads == -1:  # resolved here, so that the table and BENCH line name the count
+        args.threads = pipeline.reader_threads(pipeline.DataConfig())
     if args.workers > 0 or args.measure:
         from absl import flags
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelvla_jax.data import pipeline
+from pixelvla_jax.data import pipeline, prompts
 from pixelvla_jax.data.tokenizer import train_tiny_tokenizer
 from pixelvla_jax.models.observation import Observation
 
@@ -377,6 +377,32 @@ def test_config_from_mapping():
         pipeline.DataConfig.from_mapping({"batchsize": 2})
 
 
+def test_each_epoch_is_a_fresh_permutation_of_the_hosts_shard(tokenizer):
+    """The shuffle draws one permutation per (seed, source, epoch): every sample of the
+    host's shard once per epoch, a different order each epoch, the same on every run."""
+    cfg = _cfg(num_epochs=3, augment=False, visual_prompts=False)
+    make = lambda: pipeline.make_sample_dataset(  # noqa: E731
+        cfg, [FakeStepSource(20)], [STATS], tokenizer, process_index=1, process_count=2
+    )
+    ds = make()
+    order = [int(ds[i]["proprio"][0]) for i in range(len(ds))]
+    epochs = [order[k * 10 : (k + 1) * 10] for k in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(1, 20, 2))
+    assert epochs[0] != epochs[1] != epochs[2]
+    again = make()
+    assert [int(again[i]["proprio"][0]) for i in range(len(again) - 1, -1, -1)] == order[::-1]
+
+
+def test_reader_threads_default_to_the_usable_cpus_up_to_4(monkeypatch):
+    for cpus, want in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _, n=cpus: set(range(n)))
+        assert pipeline.reader_threads(pipeline.DataConfig()) == want
+    assert pipeline.reader_threads(pipeline.DataConfig(num_threads=7)) == 7
+    with pytest.raises(ValueError, match="num_threads=0"):
+        pipeline.DataConfig(num_threads=0)
+
+
 def test_to_global_array_on_8_devices(tokenizer):
     from jax.sharding import PartitionSpec
 
@@ -439,6 +465,74 @@ def test_end_to_end_with_generated_libero_dataset(tmp_path, tokenizer):
             assert pixels.std(0).max() < 12, pixels.std(0)
     has = np.concatenate([b["has_pixel_mask"] for b in batches])
     assert has.any() and not has.all()  # episode 1 has no annotation
+
+
+class TwoCameraSource(FakeStepSource):
+    """FakeStepSource with a wrist frame on two steps of three and a referred-objects mask
+    on every other step (the other steps store none)."""
+
+    def __getitem__(self, i):
+        sample = super().__getitem__(i)
+        i = int(i)
+        sample["wrist_image"] = b"" if i % 3 == 2 else self._frames[(i + 1) % 4]
+        sample["referred_mask"] = self._masks[(i + 2) % 4] if i % 2 else b""
+        return sample
+
+
+def _stats_with_proprio(low, high):
+    return {
+        "action": {"q01": [low] * A, "q99": [high] * A, "mask": [True] * (A - 1) + [False]},
+        "proprio": {"q01": [0.0, 0.0, low], "q99": [30.0, 1.0, high], "mask": [True] * P},
+        "num_transitions": 0,
+    }
+
+
+def test_batches_are_the_per_row_examples_stacked(tokenizer):
+    """The pipeline does the per-frame work per sample and the rest per batch (float masks,
+    token masks, normalisation with one operation per dataset): its batches equal the
+    examples built one at a time (`SampleTransform.random_map`, i.e. `ExampleBuilder.build`
+    and `actions`, what the policy acts with), exactly, for every prompt kind, dropped and
+    absent masks, steps with and without a wrist frame, the state, two datasets with their
+    own statistics."""
+    cfg = _cfg(batch_size=8, pixel_mask_dropout=0.3, use_wrist_image=True, use_state=True)
+    sources = [TwoCameraSource(24, 0), TwoCameraSource(30, 1)]
+    stats = [_stats_with_proprio(-1.0, 1.0), _stats_with_proprio(-0.5, 2.0)]
+    kw = dict(weights=[0.5, 0.5], process_index=0, process_count=1)
+    batches = _take(pipeline.make_dataset(cfg, sources, stats, tokenizer, **kw), 2)
+    samples = pipeline.make_sample_dataset(cfg, sources, stats, tokenizer, **kw)
+    for k, batch in enumerate(batches):
+        assert set(batch["dataset_id"]) == {0, 1}
+        for i in range(cfg.batch_size):
+            example = samples[k * cfg.batch_size + i]
+            assert example.keys() == batch.keys()
+            for key, value in example.items():
+                assert batch[key][i].dtype == value.dtype, key
+                np.testing.assert_array_equal(batch[key][i], value, err_msg=key)
+
+    transform = pipeline.SampleTransform(cfg, stats, tokenizer)
+    elements = [(j % 2, sources[j % 2][j]) for j in range(24)]
+    rows = [transform.row(e, np.random.default_rng([5, j])) for j, e in enumerate(elements)]
+    batch = transform.collate(rows)
+    assert batch.keys() == set(pipeline.batch_spec(cfg))
+    for key, (shape, dtype) in pipeline.batch_spec(cfg).items():
+        assert batch[key].shape == (len(rows), *shape[1:]) and batch[key].dtype == dtype, key
+    kinds = set()
+    for j, element in enumerate(elements):
+        example = transform.random_map(element, np.random.default_rng([5, j]))
+        assert example.keys() == batch.keys()
+        for key, value in example.items():
+            assert batch[key][j].dtype == value.dtype, key
+            np.testing.assert_array_equal(batch[key][j], value, err_msg=key)
+        kinds.add(prompts.prompt_kind(example))
+    assert kinds == set(prompts.PROMPT_KINDS)
+    for flag in ("has_pixel_mask", "has_wrist_image", "has_grounding_mask"):
+        assert batch[flag].any() and not batch[flag].all(), flag
+    # The state is the proprio normalised with the row's own dataset's statistics.
+    for j, (dataset_id, sample) in enumerate(elements):
+        entry = stats[dataset_id]["proprio"]
+        q01, q99 = np.float32(entry["q01"]), np.float32(entry["q99"])
+        want = np.clip(2 * (sample["proprio"] - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
+        np.testing.assert_allclose(batch["state"][j, :P], want, rtol=1e-6, atol=1e-6)
 
 
 def test_worker_processes_give_the_same_batches(tokenizer):

@@ -444,6 +444,34 @@ def test_prompt_absent_mask_and_probabilities():
         prompts.PromptConfig(max_points=4, line_points=5)
 
 
+def test_draw_kind_is_generator_choice_without_its_set_up():
+    """`draw_kind` makes exactly numpy's `Generator.choice(n, p=...)` draw (one random()
+    searched in the same cumulative distribution): same kinds, same generator state after."""
+    for probs in (
+        prompts.DEFAULT_KIND_PROBS,
+        {"points": 0.1, "line": 0.0, "box": 0.5, "mask": 0.0, "none": 0.4},
+        {"line": 3.0},
+    ):
+        kind_probs = prompts.kind_probs_mapping(probs)
+        p = np.asarray([kind_probs[k] for k in prompts.PROMPT_KINDS])
+        for seed in range(300):
+            ours, numpy = np.random.default_rng(seed), np.random.default_rng(seed)
+            want = prompts.PROMPT_KINDS[numpy.choice(len(p), p=p / p.sum())]
+            assert prompts.draw_kind(ours, kind_probs) == want
+            assert ours.random() == numpy.random()
+
+
+def test_mask_centroid_is_the_mean_of_the_mask_pixels():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = (rng.random((48, 64)) < rng.uniform(0.01, 0.5)).astype(np.uint8)
+        rows, cols = np.nonzero(mask)
+        want = [(cols.mean() + 0.5) / 64, (rows.mean() + 0.5) / 48]
+        got = image_lib.mask_centroid(mask)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_kind_probs_mapping_and_the_positional_form_of_older_configs():
     # Kinds left out get 0; the stored mapping lists every kind in PROMPT_KINDS' order.
     cfg = prompts.PromptConfig(kind_probs={"box": 2.0})

@@ -8,6 +8,7 @@ and the config schema need these without building a pipeline.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "DataConfig",
     "batch_keys",
     "batch_spec",
+    "reader_threads",
 ]
 
 BATCH_KEYS = (
@@ -103,9 +105,9 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None = repeat forever
-    num_threads: int = (
-        4  # reader threads, each builds whole batches (OpenCV and numpy release the GIL)
-    )
+    # Reader threads, each builds whole batches (the per-sample work is mostly OpenCV, which
+    # releases the GIL); -1 = `reader_threads()`: min(4, the CPUs this process may use).
+    num_threads: int = -1
     prefetch_batches: int = 8  # batches read ahead by the threads
     worker_count: int = 0  # > 0: mp_prefetch worker processes
     worker_buffer_size: int = 2  # batches per worker
@@ -147,11 +149,26 @@ class DataConfig:
                 f"(got visual_prompts={self.visual_prompts}, "
                 f"pixel_mask_dropout={self.pixel_mask_dropout})."
             )
+        if self.num_threads == 0 or self.num_threads < -1:
+            raise ValueError(
+                f"DataConfig.num_threads={self.num_threads}; use a count >= 1, or -1 for "
+                "min(4, the CPUs this process may use)."
+            )
         if self.normalization not in NORMALIZATION_MODES:
             raise ValueError(
                 f"DataConfig.normalization={self.normalization!r}; use one of "
                 f"{NORMALIZATION_MODES} (bounds_q99: OpenVLA / OFT, zscore: π0)."
             )
+
+
+def reader_threads(cfg: DataConfig) -> int:
+    """`cfg.num_threads`, with -1 resolved to min(4, the CPUs this process may use): on
+    the 2-core machine type 2 threads filled both cores best (bench/data.py); more threads
+    than cores only add GIL hand-offs."""
+    if cfg.num_threads != -1:
+        return cfg.num_threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cpus or 1))
 
 
 def batch_keys(cfg: DataConfig) -> tuple[str, ...]:

@@ -136,16 +136,32 @@ def resize_image(image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     return np.asarray(pil.resize((size, size), Image.LANCZOS))
 
 
-def resize_mask(mask, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """[H, W] mask (bool / uint8 / float) -> float32 [size, size] in {0, 1}, nearest neighbour."""
+def resize_mask(mask, size: int = DEFAULT_IMAGE_SIZE, binary: bool = False) -> np.ndarray:
+    """[H, W] mask (bool / uint8 / float) -> float32 [size, size] in {0, 1}, nearest neighbour
+    (`binary`: uint8 0 / 1 instead, the pipeline's form; the batch converts it once)."""
     arr = np.asarray(mask)
     if arr.ndim != 2:
         raise ValueError(f"resize_mask: expected a mask [H, W], got shape {arr.shape}.")
-    binary = (arr > 0.5) if arr.dtype.kind == "f" else (arr > 0)
-    if arr.shape == (size, size):
-        return binary.astype(np.float32)
-    pil = Image.fromarray(binary.astype(np.uint8))
-    return np.asarray(pil.resize((size, size), Image.NEAREST)).astype(np.float32)
+    out = _binary_u8(arr)
+    if arr.shape != (size, size):
+        out = np.asarray(Image.fromarray(out).resize((size, size), Image.NEAREST))
+    return out if binary else out.astype(np.float32)
+
+
+def mask_centroid(mask: np.ndarray) -> np.ndarray:
+    """Non-empty uint8 0 / 1 mask [H, W] -> its centroid (x, y) in [0, 1] of the image,
+    float32 [2] (pixel (r, c) covers ((c + 0.5) / W, (r + 0.5) / H)).
+
+    From the column and row sums (`cv2.reduce`: exact integer sums, so the same means as
+    over `np.nonzero`'s pixels, at a tenth of the cost).
+    """
+    h, w = mask.shape
+    cols = cv2.reduce(mask, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[0]  # [W]
+    rows = cv2.reduce(mask, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)[:, 0]  # [H]
+    count = int(cols.sum())
+    col = cols @ np.arange(w) / count
+    row = rows @ np.arange(h) / count
+    return np.array([(col + 0.5) / w, (row + 0.5) / h], np.float32)
 
 
 # ------------------------------------------------------------------ crop + resample
@@ -196,9 +212,9 @@ def _resample_box(image: np.ndarray, box: Box, out_size: tuple[int, int]) -> np.
     )
 
 
-def _crop_mask(mask, box: Box, out_size: tuple[int, int]) -> np.ndarray:
-    """[H, W] mask -> float32 [out_h, out_w] in {0, 1}: the source pixel nearest to each
-    output pixel's sample position (the position `_resample_box` interpolates at)."""
+def _crop_mask(mask, box: Box, out_size: tuple[int, int], binary: bool) -> np.ndarray:
+    """[H, W] mask -> float32 [out_h, out_w] in {0, 1} (`binary`: uint8 0 / 1): the source
+    pixel nearest to each output pixel's sample position (where `_resample_box` samples)."""
     out = cv2.warpAffine(
         _binary_u8(mask),
         _box_transform(box, *out_size),
@@ -206,14 +222,17 @@ def _crop_mask(mask, box: Box, out_size: tuple[int, int]) -> np.ndarray:
         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    return out.astype(np.float32)
+    return out if binary else out.astype(np.float32)
 
 
-def center_crop(image, mask=None, scale: float = 0.9, size: int | None = None):
+def center_crop(
+    image, mask=None, scale: float = 0.9, size: int | None = None, binary: bool = False
+):
     """Central crop keeping `scale` of the area, resized (evaluation counterpart of `augment`).
 
     Args:
       image: uint8 [H, W, 3]. mask: optional [H, W]. size: output side (default: keep H x W).
+      binary: the mask as uint8 0 / 1 instead of float32 (the pipeline's form).
     Returns:
       uint8 [S, S, 3] (and float32 [S, S] mask when `mask` is given).
     """
@@ -226,7 +245,7 @@ def center_crop(image, mask=None, scale: float = 0.9, size: int | None = None):
     out = _resample_box(arr, box, out_size)
     if mask is None:
         return out
-    return out, _crop_mask(mask, box, out_size)
+    return out, _crop_mask(mask, box, out_size, binary)
 
 
 # ------------------------------------------------------------------ augmentation
@@ -297,6 +316,7 @@ def augment(
     rng: np.random.Generator,
     cfg: AugmentConfig = AugmentConfig(),
     size: int | None = None,
+    binary: bool = False,
 ) -> tuple[np.ndarray, Any]:
     """OpenVLA's train-time augmentation with the same random crop applied to the mask.
 
@@ -311,6 +331,8 @@ def augment(
         None entries stay None).
       rng: numpy Generator (the pipeline seeds it from (seed, sample index)).
       size: output side S (default: keep H x W).
+      binary: masks as uint8 0 / 1 instead of float32 (the pipeline's form: its batch
+        converts them to float32 once).
     Returns:
       (uint8 [S, S, 3], float32 [S, S] in {0, 1}, or a list of them, or None).
     """
@@ -330,5 +352,5 @@ def augment(
     else:
         box = _random_crop_box(rng, w, h, cfg)
         out = _colour_jitter(_resample_box(arr, box, out_size), rng, cfg)
-    out_masks = [None if m is None else _crop_mask(m, box, out_size) for m in masks]
+    out_masks = [None if m is None else _crop_mask(m, box, out_size, binary) for m in masks]
     return out, out_masks if several else out_masks[0]

@@ -1,17 +1,25 @@
 """The Grain input pipeline: step sources -> mixture -> per-sample transforms -> batches.
 
     sources (one StepDataset per dataset; random access to standardised step samples)
-      -> per source: shard by JAX process, shuffle (seeded), repeat (reshuffled each epoch)
+      -> per source: shard by JAX process, shuffle (seeded by (seed, source, epoch): a
+       numpy permutation per epoch), repeat (reshuffled each epoch)
       -> mixture with weights (optionally times the dataset sizes)
-      -> per-sample transform with an RNG seeded from (seed, global index): decode (OpenCV;
-         a camera the config does not use is not decoded, an episode's mask once for all
-         its steps), then `data.example.ExampleBuilder` (the builder the policy acts
-         with): resize (the evaluation resize) or, when augmenting, OpenVLA's random crop
-         resampled straight from the source frame (same crop on the mask) + colour jitter,
-         visual prompt from the mask, text prompt -> tokens, the wrist camera
-         (`use_wrist_image`) likewise, normalisation of actions and proprio (BOUNDS_Q99 or
-         z-score; `state`)
-      -> batch (drop remainder) -> thread-parallel reading -> optional worker processes.
+      -> per-sample transform with an RNG seeded from (seed, global index), the per-frame
+         work only (`SampleTransform.row`): decode (OpenCV; a camera the config does not
+         use is not decoded, an episode's mask once for all its steps), then
+         `data.example.ExampleBuilder.row` (the builder the policy acts with): resize (the
+         evaluation resize) or, when augmenting, OpenVLA's random crop resampled straight
+         from the source frame (same crop on the mask) + colour jitter, visual prompt from
+         the mask, cached tokens, the wrist camera (`use_wrist_image`) likewise
+      -> batch (drop remainder), assembled by `SampleTransform.collate` in numpy a batch at
+         a time: stacking, float32 masks, token masks, normalisation of actions and
+         proprio (BOUNDS_Q99 or z-score; `state`) with one operation per dataset
+      -> thread-parallel reading -> optional worker processes.
+
+The per-sample stage holds the GIL only briefly (its decode, resampling and colour jitter run
+in OpenCV, which releases it), so reader threads fill the cores; everything that is cheaper
+done once per batch is done there. A batch is exactly the stack of the per-row examples
+(`SampleTransform.random_map`, `ExampleBuilder.build`, which the policy acts with).
 
 Everything up to the batch is a `grain.MapDataset`: batch k depends only on (seed, k), not
 on the number of threads or workers, and the iterator's state is one index:
@@ -28,15 +36,22 @@ the workers re-import `__main__`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
 
 from pixelvla_jax.data import image as image_lib
-from pixelvla_jax.data.config import BATCH_KEYS, DataConfig, batch_keys, batch_spec
-from pixelvla_jax.data.example import ExampleBuilder
+from pixelvla_jax.data.config import (
+    BATCH_KEYS,
+    DataConfig,
+    batch_keys,
+    batch_spec,
+    reader_threads,
+)
+from pixelvla_jax.data.example import ExampleBuilder, ExampleRow
 from pixelvla_jax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,49 +60,114 @@ __all__ = [
     "BATCH_KEYS",
     "DataConfig",
     "SampleTransform",
+    "TrainingRow",
     "batch_keys",
     "batch_spec",
     "make_dataset",
+    "reader_threads",
 ]
 
 # ------------------------------------------------------------------ per-sample transform
 
 
-class _TagSource(grain.transforms.Map):
-    """sample -> (dataset_id, sample), so the transform picks that dataset's statistics."""
+class _TaggedSource:
+    """A source whose samples come as (dataset_id, sample), so the transform picks that
+    dataset's statistics (a source wrapper, not a Grain map stage: no per-item stage cost)."""
 
-    def __init__(self, dataset_id: int):
+    def __init__(self, source: Any, dataset_id: int):
+        self.source = source
         self.dataset_id = dataset_id
 
-    def map(self, element):
-        return self.dataset_id, element
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[int, Mapping]:
+        return self.dataset_id, self.source[index]
+
+
+class _EpochShuffle(grain.MapDataset):
+    """`MapDataset.shuffle` with each epoch's order drawn at once: a numpy permutation seeded
+    by (seed, epoch), kept for the two latest epochs (4 bytes per sample each). Grain's
+    `shuffle` computes each index with `index_shuffle` instead: 35-65 µs of CPU (holding the
+    GIL) per sample on this 2-core machine type, against ~3 µs here."""
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = seed
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = self._orders.get(epoch)
+        if order is None:
+            with self._lock:  # one permutation per epoch, whichever thread needs it first
+                order = self._orders.get(epoch)
+                if order is None:
+                    n = len(self._parent)
+                    order = np.random.default_rng([self._seed, epoch]).permutation(n)
+                    order = order.astype(np.int32 if n < 2**31 else np.int64)
+                    kept = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                    self._orders = {**kept, epoch: order}
+        return order
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        n = len(self._parent)
+        epoch, position = divmod(index, n)
+        return self._parent[int(self._order(epoch)[position]) + epoch * n]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_orders"], state["_lock"] = {}, None  # worker processes draw their own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class _RowTransform(grain.transforms.RandomMap):
+    """Grain's per-sample stage: `SampleTransform.row`."""
+
+    def __init__(self, transform: SampleTransform):
+        self.transform = transform
+
+    def random_map(self, element, rng: np.random.Generator) -> TrainingRow:
+        return self.transform.row(element, rng)
 
 
 class _CachedTransformedSource:
-    """A random-access source of transformed samples, each computed once and then kept.
+    """A random-access source of transformed rows, each computed once and then kept.
 
-    Only for deterministic transforms (checked by `make_sample_dataset`): the sample of a
+    Only for deterministic transforms (checked by `make_sample_dataset`): the row of a
     record is then the same whatever the Grain RNG, so caching it changes no batch.
-    Thread-safe (a dict store is atomic; two threads may compute one sample twice).
+    Thread-safe (a dict store is atomic; two threads may compute one row twice).
     """
 
     def __init__(self, source: Any, dataset_id: int, transform: SampleTransform):
         self.source = source
         self.dataset_id = dataset_id
         self.transform = transform
-        self._cache: dict[int, dict[str, np.ndarray]] = {}
+        self._cache: dict[int, TrainingRow] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> TrainingRow:
         index = int(index)
-        sample = self._cache.get(index)
-        if sample is None:
+        row = self._cache.get(index)
+        if row is None:
             element = (self.dataset_id, self.source[index])
-            sample = self.transform.random_map(element, np.random.default_rng(0))
-            self._cache[index] = sample
-        return sample
+            row = self.transform.row(element, np.random.default_rng(0))
+            self._cache[index] = row
+        return row
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -151,12 +231,25 @@ def _sample_context(sample: Mapping) -> str:
     )
 
 
-class SampleTransform(grain.transforms.RandomMap):
-    """One standardised step sample (+ dataset id) -> one model-ready example (numpy).
+class TrainingRow(NamedTuple):
+    """One training sample after its per-frame work (`SampleTransform.row`): the example's
+    row and its checked raw actions, normalised a batch at a time by `collate`."""
 
-    Decodes the sample and hands it to `ExampleBuilder` (the builder `Policy` acts with):
-    `build(train=True)` for the observation, `actions` for the normalised chunk and proprio.
-    Picklable (for worker processes). The RNG comes from Grain, seeded by (seed, index).
+    example: ExampleRow
+    action_chunk: np.ndarray  # float32 [N_c, A]
+    action_pad_mask: np.ndarray  # bool [N_c]
+    proprio: np.ndarray  # float32 [P]
+    dataset_id: int
+
+
+class SampleTransform(grain.transforms.RandomMap):
+    """Standardised step samples (+ dataset id) -> model-ready examples and batches (numpy).
+
+    Decodes a sample and hands it to `ExampleBuilder` (the builder `Policy` acts with). Two
+    paths give the same arrays: `random_map` builds one example (`build(train=True)` for
+    the observation, `actions` for the normalised chunk and proprio); the pipeline's `row`
+    (per sample) then `collate` (per batch) build a batch of them. Picklable (for worker
+    processes). The RNG comes from Grain, seeded by (seed, index).
     """
 
     def __init__(self, cfg: DataConfig, statistics: Sequence[Mapping], tokenizer: Tokenizer):
@@ -168,23 +261,27 @@ class SampleTransform(grain.transforms.RandomMap):
     def cfg(self) -> DataConfig:
         return self.builder.cfg
 
-    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        dataset_id, sample = element
+    def _decoded(self, sample: Mapping) -> tuple[tuple, dict]:
+        """A sample's `ExampleBuilder.build` / `row` arguments (positional, keyword)."""
         image = image_lib.decode_image(sample["image"])
         # A camera the config does not use (the wrist frame without use_wrist_image) is
         # never decoded.
         wrist = None
         if self.cfg.use_wrist_image and len(sample.get("wrist_image") or b""):
             wrist = image_lib.decode_image(sample["wrist_image"])
-        example = self.builder.build(
+        args = (
             image,
             sample["instruction"],
             _decode_sample_mask(sample, "pixel_mask", image.shape[:2], self.masks),
             _decode_sample_mask(sample, "referred_mask", image.shape[:2], self.masks),
-            rng=rng,
-            train=True,
-            wrist_image=wrist,
         )
+        return args, {"train": True, "wrist_image": wrist}
+
+    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """(dataset_id, sample) -> one example (the `batch_keys` of a batch, unbatched)."""
+        dataset_id, sample = element
+        args, kwargs = self._decoded(sample)
+        example = self.builder.build(*args, rng=rng, **kwargs)
         example.update(
             self.builder.actions(
                 sample["action_chunk"],
@@ -195,6 +292,40 @@ class SampleTransform(grain.transforms.RandomMap):
             )
         )
         return {k: example[k] for k in self.keys}
+
+    def row(self, element, rng: np.random.Generator) -> TrainingRow:
+        """(dataset_id, sample) -> its TrainingRow: the per-frame part of `random_map` (the
+        same draws); errors name the sample."""
+        dataset_id, sample = element
+        args, kwargs = self._decoded(sample)
+        chunk, proprio = self.builder.check_actions(
+            sample["action_chunk"], sample.get("proprio"), dataset_id, _sample_context(sample)
+        )
+        return TrainingRow(
+            self.builder.row(*args, rng=rng, **kwargs),
+            chunk,
+            np.asarray(sample["action_pad_mask"], bool),
+            proprio,
+            dataset_id,
+        )
+
+    def collate(self, rows: Sequence[TrainingRow]) -> dict[str, np.ndarray]:
+        """TrainingRows -> one batch (`batch_keys`, [B, ...] each): `random_map`'s examples,
+        stacked, assembled a batch at a time (`ExampleBuilder.collate`, `collate_actions`)."""
+        batch = self.builder.collate([r.example for r in rows])
+        batch.update(
+            self.builder.collate_actions(
+                [r.action_chunk for r in rows],
+                [r.action_pad_mask for r in rows],
+                [r.proprio for r in rows],
+                [r.dataset_id for r in rows],
+            )
+        )
+        return {k: batch[k] for k in self.keys}
+
+    def example(self, row: TrainingRow) -> dict[str, np.ndarray]:
+        """One TrainingRow -> its example (`collate` of one row, unbatched)."""
+        return {key: value[0] for key, value in self.collate([row]).items()}
 
 
 # ------------------------------------------------------------------ sources
@@ -280,7 +411,25 @@ def make_sample_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.MapDataset:
-    """The per-sample MapDataset (before batching); element = dict of model-ready arrays."""
+    """The per-sample MapDataset: element = one example (the `batch_keys` of a batch,
+    unbatched), the rows of `make_dataset`'s batches one at a time."""
+    rows, transform = _row_dataset(
+        cfg, sources, statistics, tokenizer, weights, process_index, process_count
+    )
+    return rows.map(transform.example)
+
+
+def _row_dataset(
+    cfg: DataConfig | Mapping,
+    sources: Sequence[Any],
+    statistics: Sequence[Mapping],
+    tokenizer: Tokenizer,
+    weights: Sequence[float] | None,
+    process_index: int | None,
+    process_count: int | None,
+) -> tuple[grain.MapDataset, SampleTransform]:
+    """The MapDataset of TrainingRows before batching, and the transform that collates them
+    (arguments as `make_dataset`'s)."""
     import jax
 
     cfg = DataConfig.from_mapping(cfg)
@@ -318,13 +467,14 @@ def make_sample_dataset(
     for i, source in enumerate(sources):
         if cfg.cache_samples:
             source = _CachedTransformedSource(source, i, transform)
+        else:
+            source = _TaggedSource(source, i)
         ds = grain.MapDataset.source(source)
         ds = ds[_process_shard(len(ds), index, count)]
         sizes.append(len(ds))
         if cfg.shuffle:
-            ds = ds.shuffle(seed=cfg.seed + 7919 * i)
-        ds = ds.repeat(cfg.num_epochs)
-        parts.append(ds if cfg.cache_samples else ds.map(_TagSource(i)))
+            ds = _EpochShuffle(ds, seed=cfg.seed + 7919 * i)
+        parts.append(ds.repeat(cfg.num_epochs))
     w = np.asarray(weights, np.float64)
     if cfg.balance_by_size:
         w = w * np.asarray(sizes, np.float64)
@@ -332,8 +482,8 @@ def make_sample_dataset(
         raise ValueError(f"mixture weights must be >= 0 and not all 0, got {list(w)}.")
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, list(w / w.sum()))
     if cfg.cache_samples:
-        return mixed  # already transformed
-    return mixed.random_map(transform, seed=cfg.seed)
+        return mixed, transform  # already transformed
+    return mixed.random_map(_RowTransform(transform), seed=cfg.seed), transform
 
 
 def make_dataset(
@@ -369,13 +519,15 @@ def make_dataset(
         if not cfg.tokenizer_path:
             raise ValueError("make_dataset: give a tokenizer or set DataConfig.tokenizer_path.")
         tokenizer = Tokenizer(cfg.tokenizer_path)
-    samples = make_sample_dataset(
+    rows, transform = _row_dataset(
         cfg, sources, statistics, tokenizer, weights, process_index, process_count
     )
     # Batching on the MapDataset makes batch k a function of (seed, k) only: the same
     # batches come out whatever the number of threads or worker processes.
-    batches = samples.batch(cfg.batch_size, drop_remainder=True)
-    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch_batches)
+    batches = rows.batch(cfg.batch_size, drop_remainder=True, batch_fn=transform.collate)
+    read = grain.ReadOptions(
+        num_threads=reader_threads(cfg), prefetch_buffer_size=cfg.prefetch_batches
+    )
     ds = batches.to_iter_dataset(read)
     if cfg.worker_count > 0:
         ds = ds.mp_prefetch(

@@ -25,7 +25,9 @@ client), turned into the same arrays by `explicit_visual_prompt`.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -178,10 +180,23 @@ def _line_through_mask(binary: np.ndarray, rng: np.random.Generator, n: int) -> 
     return np.stack([rr[picks], cc[picks]], axis=-1)
 
 
+@functools.lru_cache(maxsize=64)
+def _kind_cdf(probs: tuple[float, ...]) -> tuple[float, ...]:
+    """The cumulative distribution `Generator.choice(n, p=probs / sum)` searches, as floats."""
+    p = np.asarray(probs, np.float64)
+    cdf = np.cumsum(p / p.sum())
+    cdf /= cdf[-1]
+    return tuple(cdf.tolist())
+
+
 def draw_kind(rng: np.random.Generator, kind_probs: Mapping[str, float]) -> str:
-    """One of PROMPT_KINDS drawn with `kind_probs` (a PromptConfig's): one rng draw."""
-    probs = np.asarray([kind_probs[k] for k in PROMPT_KINDS], np.float64)
-    return PROMPT_KINDS[rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())]
+    """One of PROMPT_KINDS drawn with `kind_probs` (a PromptConfig's): one rng draw.
+
+    The draw `rng.choice(len(PROMPT_KINDS), p=probs / probs.sum())` makes (one
+    `rng.random()` searched in the cumulative distribution), without its per-call set-up.
+    """
+    cdf = _kind_cdf(tuple(float(kind_probs[k]) for k in PROMPT_KINDS))
+    return PROMPT_KINDS[bisect.bisect_right(cdf, rng.random())]
 
 
 def sample_visual_prompt(
@@ -210,12 +225,31 @@ def sample_visual_prompt(
         raise ValueError(f"sample_visual_prompt: expected a mask [H, W], got shape {mask.shape}.")
     h, w = mask.shape
     binary = mask > 0.5 if mask.dtype.kind == "f" else mask > 0
-    out = empty_prompt(p, h, w)
     if not binary.any():
-        return out
-    kind = draw_kind(rng, cfg.kind_probs)
-    points, types = out["prompt_points"], out["prompt_types"]
+        return empty_prompt(p, h, w)
+    kind, points, types = sample_prompt_slots(binary, rng, cfg)
+    dense = kind == "mask"
+    return dict(
+        prompt_points=points,
+        prompt_types=types,
+        prompt_mask=binary.astype(np.float32) if dense else np.zeros((h, w), np.float32),
+        has_prompt_mask=np.bool_(dense),
+    )
 
+
+def sample_prompt_slots(
+    binary: np.ndarray, rng: np.random.Generator, cfg: PromptConfig
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """`sample_visual_prompt`'s draws from a non-empty bool mask [H, W], without its dense
+    mask: (kind, prompt_points float32 [P, 2], prompt_types int32 [P]).
+
+    For kind "mask" the dense prompt is `binary` itself (the caller holds it: no copy is
+    made here); kinds "mask" and "none" leave every slot PROMPT_PAD.
+    """
+    h, w = binary.shape
+    points = np.zeros((cfg.max_points, 2), np.float32)
+    types = np.full((cfg.max_points,), PROMPT_PAD, np.int32)
+    kind = draw_kind(rng, cfg.kind_probs)
     if kind == "points":
         # Flat indices: np.nonzero's pixels in the same order (the same draws), 5x faster.
         flat = np.flatnonzero(binary)
@@ -248,10 +282,7 @@ def sample_visual_prompt(
         points[1] = (x1, y1)
         types[0] = PROMPT_BOX_TOP_LEFT
         types[1] = PROMPT_BOX_BOTTOM_RIGHT
-    elif kind == "mask":
-        out["prompt_mask"] = binary.astype(np.float32)
-        out["has_prompt_mask"] = np.bool_(True)
-    return out
+    return kind, points, types
 
 
 def prompt_kind(prompt: dict) -> str:
