@@ -234,3 +234,46 @@ def test_patch_grounding_loss_adds_a_per_patch_bce_on_the_base_camera(params, ob
     bce = np.maximum(logits, 0) - logits * pooled + np.log1p(np.exp(-np.abs(logits)))
     np.testing.assert_allclose(float(metrics["patch_grounding"]), bce.mean(), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(flow) + weight * bce.mean(), rtol=1e-5)
+
+
+def test_target_point_is_generated_as_two_more_action_dims(params, obs):
+    """With `target_point_scale`, the flow loss is exactly π0's over actions extended by the
+    target's centre mapped to [-1, 1] and scaled (zeros where a sample has no point), and
+    `predict_actions` still returns action_dim dims."""
+    scale = 3.0
+    config = CONFIG.replace(target_point_scale=scale)
+    wide = CONFIG.replace(action_dim=CONFIG.action_dim + 2)  # the same params
+    model, reference = Pi0(config), Pi0(wide)
+    rng = np.random.default_rng(6)
+    actions = jnp.asarray(rng.uniform(-1, 1, (B, H, config.action_dim)).astype(np.float32))
+    point = jnp.asarray([[0.25, 0.75], [0.5, 0.1]], jnp.float32)
+    has = jnp.asarray([True, False])
+    extended = np.concatenate(
+        [
+            np.asarray(actions),
+            np.broadcast_to(np.asarray([[[-1.5, 1.5]], [[0.0, 0.0]]]), (B, H, 2)),
+        ],
+        axis=-1,
+    ).astype(np.float32)
+    pad = jnp.ones((B, H), bool)
+    key = jax.random.key(8)
+
+    @jax.jit
+    def run(p):
+        loss, _ = model.apply(
+            {"params": p}, obs, actions, pad, key, target_point=point, has_target_point=has,
+            method=Pi0.loss,
+        )  # fmt: skip
+        ref, _ = reference.apply(
+            {"params": p}, obs, jnp.asarray(extended), pad, key, method=Pi0.loss
+        )
+        acted = model.apply({"params": p}, obs, key, method=Pi0.predict_actions)
+        return loss, ref, acted
+
+    loss, ref, acted = run(params)
+    chex.assert_trees_all_close(loss, ref, atol=1e-6, rtol=0)
+    chex.assert_shape(acted, (B, H, config.action_dim))
+    with pytest.raises(ValueError, match="pass target_point"):
+        model.apply({"params": params}, obs, actions, pad, key, method=Pi0.loss)
+    with pytest.raises(ValueError, match="model_action_dim"):
+        CONFIG.replace(target_point_scale=1.0, model_action_dim=8, model_state_dim=8)

@@ -112,6 +112,13 @@ class Pi0Config:
         objects the instruction names, pooled onto the patch grid (PixelVLA's own auxiliary
         loss, as `PixelVLAConfig.patch_grounding_weight`; not part of π0). The prefix is
         bidirectional, so image tokens already see the instruction. 0: exactly π0.
+      target_point_scale: > 0: the flow also generates the target's centre (x, y in [0, 1]
+        of the image, mapped to [-1, 1] and multiplied by this scale) in the two padded dims
+        after `action_dim`, at every chunk step (PixelVLA's grounding before acting, as the
+        discrete head's target-point tokens; needs model_action_dim >= action_dim + 2).
+        Scaled up, the point is the highest-signal part of the sample, so the flow settles
+        which object early in the integration and the actions follow it. `predict_actions`
+        drops it. 0: exactly π0.
     """
 
     vlm: GemmaConfig = dataclasses.field(default_factory=gemma_lib.gemma_2b)
@@ -144,6 +151,7 @@ class Pi0Config:
     min_period: float = 4e-3
     max_period: float = 4.0
     patch_grounding_weight: float = 0.0
+    target_point_scale: float = 0.0
 
     def __post_init__(self):
         gemma_lib.check_experts((self.vlm, self.action_expert))
@@ -170,6 +178,14 @@ class Pi0Config:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"Pi0Config.dtype={self.dtype!r}; use one of {DTYPES}")
+        if self.target_point_scale < 0.0 or (
+            self.target_point_scale > 0.0 and self.model_action_dim < self.action_dim + 2
+        ):
+            raise ValueError(
+                f"Pi0Config.target_point_scale={self.target_point_scale} must be >= 0, and > 0 "
+                f"needs model_action_dim ({self.model_action_dim}) >= action_dim + 2 "
+                f"({self.action_dim + 2}): the point takes the two padded dims after the action."
+            )
         if not self.patch_grounding_weight >= 0.0:
             raise ValueError(
                 f"Pi0Config.patch_grounding_weight={self.patch_grounding_weight} must be >= 0"
@@ -595,6 +611,8 @@ class Pi0(nn.Module):
         rng: jax.Array,
         grounding_mask: jax.Array | None = None,
         has_grounding_mask: jax.Array | None = None,
+        target_point: jax.Array | None = None,
+        has_target_point: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Flow-matching loss (openpi's convention, see the module docstring).
 
@@ -606,6 +624,8 @@ class Pi0(nn.Module):
           grounding_mask, has_grounding_mask: [B, H, W], [B]: the patch-grounding target
             (every object the instruction fits; the data pipeline's `grounding_mask`), used
             when `patch_grounding_weight` > 0; None -> the pixel mask.
+          target_point, has_target_point: [B, 2] (x, y) in [0, 1], [B]: the target's centre,
+            generated with the actions when `target_point_scale` > 0 (zeros where absent).
 
         Returns:
           (scalar loss, {"loss", "flow_mse", "flow_mse_per_dim" [action_dim]}, and
@@ -626,6 +646,19 @@ class Pi0(nn.Module):
         batch = actions.shape[0]
         noise_rng, time_rng = jax.random.split(rng)
         target = _pad_last(jnp.asarray(actions, jnp.float32), cfg.model_action_dim, "actions")
+        if cfg.target_point_scale > 0.0:
+            if target_point is None or has_target_point is None:
+                raise ValueError(
+                    "Pi0Config.target_point_scale > 0 generates the target's point with the "
+                    "actions: pass target_point [B, 2] and has_target_point [B] (the data "
+                    "pipeline's batch has them)."
+                )
+            point = (jnp.asarray(target_point, jnp.float32) * 2.0 - 1.0) * cfg.target_point_scale
+            point = point * jnp.asarray(has_target_point, jnp.float32)[:, None]
+            a = cfg.action_dim
+            target = target.at[:, :, a : a + 2].set(
+                jnp.broadcast_to(point[:, None, :], (batch, cfg.action_horizon, 2))
+            )
         noise = jax.random.normal(noise_rng, target.shape, jnp.float32)
         t = jax.random.beta(time_rng, cfg.time_beta_alpha, cfg.time_beta_beta, (batch,))
         t = t.astype(jnp.float32) * cfg.time_scale + cfg.time_offset

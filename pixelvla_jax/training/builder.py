@@ -56,7 +56,7 @@ def make_loss_fn(model: Any):
     PixelVLA's loss is deterministic (the rng is unused) and takes the grounding targets;
     every other family's is `loss(obs, actions, action_pad_mask, rng)` (π0 draws its noise
     and flow time from the rng, the train step's `fold_in(state.rng, step)`), plus the
-    grounding targets when the model has a patch-grounding weight (π0's optional one).
+    grounding targets (mask, target point) when the model has π0's optional grounding.
     """
 
     def loss_fn(params, batch, rng):
@@ -73,15 +73,17 @@ def make_loss_fn(model: Any):
                 batch.get("has_target_point"),
                 method=PixelVLA.loss,
             )
-        elif getattr(model.config, "patch_grounding_weight", 0.0) > 0.0:
+        elif _uses_grounding_targets(model.config):
             loss, metrics = model.apply(
                 {"params": params},
                 obs,
                 batch["actions"],
                 batch["action_pad_mask"],
                 rng,
-                batch.get("grounding_mask"),
-                batch.get("has_grounding_mask"),
+                grounding_mask=batch.get("grounding_mask"),
+                has_grounding_mask=batch.get("has_grounding_mask"),
+                target_point=batch.get("target_point"),
+                has_target_point=batch.get("has_target_point"),
                 method=type(model).loss,
             )
         else:
@@ -103,6 +105,14 @@ def make_loss_fn(model: Any):
         return loss, out
 
     return loss_fn
+
+
+def _uses_grounding_targets(model_cfg: Any) -> bool:
+    """π0's optional grounding (patch BCE, the target point generated with the actions)."""
+    return (
+        getattr(model_cfg, "patch_grounding_weight", 0.0) > 0.0
+        or getattr(model_cfg, "target_point_scale", 0.0) > 0.0
+    )
 
 
 def abstract_batch(

@@ -56,6 +56,9 @@ from pixelvla_jax.training.param_rules import FROZEN, TRAINED
 FAMILIES = ("pixelvla", "pi0")
 MODEL_PRESETS = {"pixelvla": ("tiny", "openvla_7b"), "pi0": ("pi0_tiny", "pi0")}
 PI0_PRESET_METHODS = {"pi0_tiny": "tiny", "pi0": "pi0"}  # preset -> Pi0Config classmethod
+# π0 with model.target_point_tokens: the target's centre, in [-1, 1], times this in the flow
+# (the z-scored actions are ~unit scale: the point dominates the sample's signal).
+PI0_TARGET_POINT_SCALE = 3.0
 TRAINED_HEAD = (("action_head/.*", TRAINED), ("action_slots", TRAINED))
 # π0's action projections (openpi's names): state and noisy actions in, time MLP, velocity out.
 PI0_ACTION_PROJECTIONS = (
@@ -153,7 +156,9 @@ class ModelSection:
     # Grounding (PixelVLAConfig): the instruction before the image tokens; a per-patch BCE
     # at this weight against the referred-objects mask, else the target mask (needs
     # text_first); the discrete head decodes the target's centre as 2 tokens before the action.
-    # The π0 family takes patch_grounding_weight alone (its prefix is bidirectional).
+    # The π0 family takes patch_grounding_weight alone (its prefix is bidirectional), and
+    # target_point_tokens as the target's centre generated in 2 extra flow dims beside the
+    # action (Pi0Config.target_point_scale = PI0_TARGET_POINT_SCALE).
     text_first: bool = False
     patch_grounding_weight: float = 0.0
     target_point_tokens: bool = False
@@ -433,7 +438,6 @@ def _validate_pi0(cfg: ml_collections.ConfigDict, m: ModelSection) -> None:
         "l1_mode",
         "decode_temperature",
         "text_first",
-        "target_point_tokens",
     ):
         if getattr(m, key) != getattr(defaults, key):
             raise ConfigError(
@@ -446,13 +450,13 @@ def _validate_pi0(cfg: ml_collections.ConfigDict, m: ModelSection) -> None:
             f"config.model.tiny_width={m.tiny_width} must be a multiple of 32 (0: the "
             f"preset's) and tiny_depth={m.tiny_depth} >= 0."
         )
-    widest = max(cfg.data.action_dim, cfg.data.proprio_dim)
+    widest = max(cfg.data.action_dim + (2 if m.target_point_tokens else 0), cfg.data.proprio_dim)
     if m.padded_action_dim and m.padded_action_dim < widest:
         raise ConfigError(
             f"config.model.padded_action_dim={m.padded_action_dim} is narrower than the "
             f"data's actions / proprio (data.action_dim={cfg.data.action_dim}, "
-            f"data.proprio_dim={cfg.data.proprio_dim}): use >= {widest}, or 0 for the "
-            "preset's 32."
+            f"data.proprio_dim={cfg.data.proprio_dim}; model.target_point_tokens adds 2 "
+            f"dims to the actions): use >= {widest}, or 0 for the preset's 32."
         )
     if cfg.stage == "lora" and m.lora.rank <= 0 and m.lora.expert_rank <= 0:
         raise ConfigError(
@@ -872,6 +876,7 @@ def _pi0_model_config(cfg: ml_collections.ConfigDict, m: ModelSection) -> Any:
         max_text_tokens=data.max_tokens,
         max_prompt_points=data.prompt_cfg.max_points,
         patch_grounding_weight=float(m.patch_grounding_weight),
+        target_point_scale=PI0_TARGET_POINT_SCALE if m.target_point_tokens else 0.0,
     )
 
 
