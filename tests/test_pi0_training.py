@@ -261,6 +261,10 @@ def test_pi0_configs_that_cannot_work_say_what_to_do():
             c[section][key] = value
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.validate_config(c)
+    point = config_lib.load_config("libero_pi0:tiny")
+    point.model.target_point_tokens, point.model.padded_action_dim = True, 8
+    with pytest.raises(config_lib.ConfigError, match="target_point_tokens adds 2 dims"):
+        config_lib.validate_config(point)
     lora = config_lib.load_config("libero_pi0:tiny_lora")
     lora.model.lora.rank = lora.model.lora.expert_rank = 0
     with pytest.raises(config_lib.ConfigError, match="expert_rank"):
