@@ -3,9 +3,10 @@
     python bench/serve.py [--checkpoint=DIR] [--requests=200] [--clients=1,4,16]
                           [--max_batch=16] [--batch_window_ms=5] [--seconds=5]
 
-With no `--checkpoint`, a freshly initialised tiny PixelRef run (`pixelref:tiny`, the test
-suite's model; the same compute as a trained one) is written to `--workdir` and served.
-In one process, on 127.0.0.1:
+With no `--checkpoint`, freshly initialised PixelRef runs (`--variants`: `pixelref:default`,
+the README main job's discrete-token model, and `pixelref:tiny`, the test suite's L1-head
+model; the same compute as trained ones) are written to `--workdir` and served, each in turn.
+For each, in one process, on 127.0.0.1:
   1. latency of one client: `--requests` sequential requests through the server (batched
      mode), p50 / p99, against `--requests` direct `Policy.act` calls on the same
      observation (batch of 1); the difference of the p50s is the server's overhead per
@@ -17,7 +18,10 @@ In one process, on 127.0.0.1:
      request at a time across all clients; reproduced here with the same wire format, request
      parsing and `Policy` preprocessing, so only the serving loop differs); and this
      project's server with `max_batch=1` (one request per model call, but preprocessing and
-     network I/O still overlap the model call).
+     network I/O still overlap the model call);
+  3. the model alone: `Policy.predict` on a collated batch of 1, `--max_batch` / 2 and
+     `--max_batch` rows (the clients' frames, kind "mask"), ms per call and per row, wall
+     and process CPU: the model's share of a served request.
 The throughput clients run in one separate process (robots are other machines): they share
 this machine's cores with the server, not its interpreter lock. Prints a table and ends with one `BENCH {...}` JSON
 line; targets: batched >= 3x one-at-a-time (openpi's loop) requests/s at 16 clients, p50
@@ -68,6 +72,35 @@ def _tiny_checkpoint(workdir: str, variant: str = "default") -> str:
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
     ms = np.asarray(seconds) * 1e3
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def _model_alone(policy, scenes: list, sizes: list[int], reps: int) -> dict[int, dict]:
+    """The jitted model call alone (`Policy.predict` on a collated batch of `size` rows, as
+    the server runs it) -> {size: {"ms": wall per call, "ms_per_row": wall per row,
+    "cpu_ms_per_row": process CPU per row}}, the median of `reps` calls (after 3 warm-up
+    calls; the CPU time is the whole run's, all XLA threads included)."""
+    rows = [
+        policy.example(image, text, mask, "mask", seed=0, index=k)
+        for k, (image, text, mask) in enumerate(scenes)
+    ]
+    out = {}
+    for size in sizes:
+        obs = policy.collate([rows[k % len(rows)] for k in range(size)])
+        for _ in range(3):
+            policy.predict(obs)
+        wall, cpu = [], time.process_time()
+        for _ in range(reps):
+            t = time.perf_counter()
+            policy.predict(obs)
+            wall.append(time.perf_counter() - t)
+        ms = float(np.median(wall)) * 1e3
+        cpu_ms = (time.process_time() - cpu) * 1e3 / reps
+        out[size] = {
+            "ms": round(ms, 3),
+            "ms_per_row": round(ms / size, 3),
+            "cpu_ms_per_row": round(cpu_ms / size, 3),
+        }
+    return out
 
 
 def _client_process(url: str, scenes: list, clients: int, seconds: float, out) -> None:
@@ -206,6 +239,8 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
         policy.act(image[None], [text], mask[None])
         direct.append(time.perf_counter() - t)
     direct_p50, direct_p99 = _percentiles(direct)
+    sizes = sorted({1, max(1, args.max_batch // 2), args.max_batch})
+    model = _model_alone(policy, scenes, sizes, reps=max(20, args.requests // 2))
 
     results: dict[str, dict[int, float]] = {}
     batches: dict[str, dict[int, float]] = {}
@@ -242,6 +277,12 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
     print(f"{'  through the server':<36}{served_p50:>10.2f}{served_p99:>10.2f}")
     print(f"{'  server overhead per request (p50)':<36}{overhead:>10.2f}")
     print()
+    print(f"{'model alone (Policy.predict), batch':<36}{'ms':>10}{'ms/row':>10}{'CPU ms/row':>12}")
+    for size, m in model.items():
+        print(
+            f"{'  ' + str(size):<36}{m['ms']:>10.2f}{m['ms_per_row']:>10.3f}{m['cpu_ms_per_row']:>12.3f}"
+        )
+    print()
     print(
         f"{'clients':<9}{'batched req/s':>14}{'(mean batch)':>13}{'openpi loop':>13}{'speedup':>9}"
         f"{'ours, batch 1':>15}{'speedup':>9}"
@@ -259,6 +300,7 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
         "served_p50_ms": round(served_p50, 3),
         "served_p99_ms": round(served_p99, 3),
         "p50_overhead_ms": round(overhead, 3),
+        "model_alone": {str(size): m for size, m in model.items()},
         "requests_per_s": {
             mode: {str(n): round(v, 1) for n, v in r.items()} for mode, r in results.items()
         },

@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,18 @@ from pixelvla_jax.data import prompts as prompts_lib
 from pixelvla_jax.errors import InvalidInputError, UnknownNameError
 from pixelvla_jax.models.observation import Observation
 
+if TYPE_CHECKING:
+    from pixelvla_jax.data.example import ExampleRow
+
 PROMPT_KINDS = prompts_lib.PROMPT_KINDS  # one vocabulary for data, policy and evaluation
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyRow:
+    """One sample's model input before batching (`Policy.example` -> `Policy.collate`)."""
+
+    example: ExampleRow  # the example builder's acting row
+    state: np.ndarray | None  # float32 [proprio_dim] normalised, for a run with data.use_state
 
 
 class Policy:
@@ -252,18 +263,19 @@ class Policy:
         visual_prompt: prompts_lib.VisualPrompt | None = None,
         wrist_image: np.ndarray | None = None,
         state: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:
-        """One row of `preprocess`, unbatched (`collate` stacks rows): the training example
-        builder's acting example with its prompt drawn by the rng (seed, index), plus the
-        normalised state. `preprocess` checks its inputs first (`check_observation`); a
-        caller that checked its own (the server's request parser) builds rows here, one at a
-        time as they arrive. The wrist frame and the state are dropped for a run that did not
-        train with them and required by one that did. Raises ValueError for what the builder
-        refuses (an empty mask for a prompt kind that needs one, a prompt with too many points).
+    ) -> PolicyRow:
+        """One row of `preprocess`, before `collate` stacks rows into the model input: the
+        training example builder's acting row (`ExampleBuilder.row`, its prompt drawn by the
+        rng (seed, index)) and the normalised state. `preprocess` checks its inputs first
+        (`check_observation`); a caller that checked its own (the server's request parser)
+        builds rows here, one at a time as they arrive. The wrist frame and the state are
+        dropped for a run that did not train with them and required by one that did. Raises
+        ValueError for what the builder refuses (an empty mask for a prompt kind that needs
+        one, a prompt with too many points).
         """
         wrist_image = self._needed(wrist_image, "wrist_images", "use_wrist_image", 1)
         state = self._needed(state, "states", "use_state", 1)
-        example = self.example_builder.build(
+        row = self.example_builder.row(
             image,
             instruction,
             pixel_mask,
@@ -273,22 +285,19 @@ class Policy:
             visual_prompt=visual_prompt,
             wrist_image=wrist_image,
         )
-        if state is not None:
-            example["state"] = self.example_builder.state(state)
-        return example
+        return PolicyRow(row, None if state is None else self.example_builder.state(state))
 
-    @staticmethod
-    def collate(examples: Sequence[Mapping[str, np.ndarray]], pad_to: int = 0) -> Observation:
-        """Rows of `example` -> the batched model input, [B, ...] per field (numpy leaves);
-        with `pad_to` > B the first row is repeated up to `pad_to` rows (a server's
-        precompiled batch sizes; the padding rows' actions are dropped)."""
-        rows = list(examples) + [examples[0]] * (pad_to - len(examples))
+    def collate(self, rows: Sequence[PolicyRow], pad_to: int = 0) -> Observation:
+        """Rows of `example` -> the batched model input, [B, ...] per field (numpy leaves;
+        the builder's own `ExampleBuilder.collate`, as the training pipeline batches); with
+        `pad_to` > B the first row is repeated up to `pad_to` rows (a server's precompiled
+        batch sizes; the padding rows' actions are dropped)."""
+        rows = list(rows) + [rows[0]] * (pad_to - len(rows))
+        batch = self.example_builder.collate([r.example for r in rows])
+        if rows[0].state is not None:
+            batch["state"] = np.stack([r.state for r in rows])
         return Observation(
-            **{
-                f.name: np.stack([e[f.name] for e in rows])
-                for f in dataclasses.fields(Observation)
-                if f.name in rows[0]
-            }
+            **{f.name: batch[f.name] for f in dataclasses.fields(Observation) if f.name in batch}
         )
 
     def _needed(self, value: Any, name: str, field: str, b: int) -> Any:

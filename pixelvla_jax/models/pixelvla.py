@@ -636,31 +636,60 @@ class PixelVLA(nn.Module):
         first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
         return self.llm.logits(jnp.concatenate([first, hidden[:, s:]], axis=1)), hidden
 
-    def _next_token(
-        self, logits: jax.Array, rng: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """[B, V] logits -> ([B] int32 token, the rng for the next step): greedy argmax
-        (rng None), or a sampled action token (see `PixelVLAConfig.decode_temperature`)."""
-        cfg = self.config
+    def _sampling_noise(self, rng: jax.Array | None, batch: int) -> jax.Array | None:
+        """The Gumbel noise of every decoding step, drawn at once: [num_decoded_tokens, B,
+        n_action_tokens] float32, or None for greedy decoding (rng None).
+
+        Step i uses the key `jax.random.categorical` would get there (the rng split once
+        per step: `step_i, rng = split(rng)`), and the very draw it makes inside
+        (`gumbel(step_i, [B, n])`), so argmax(noise[i] + logits / T) is its sample. Drawn
+        in one vmapped call rather than at every step inside the loop, where the random
+        bits' threefry (a rolled loop on a CPU) took ~2.5 of a batch of 16's 14 ms.
+        """
         if rng is None:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-        step_rng, rng = jax.random.split(rng)
+            return None
+        cfg = self.config
+        shape = (batch, cfg.tokenizer_vocab_size - cfg.action_tokenizer.first_token)
+        step_keys = []
+        for _ in range(cfg.num_decoded_tokens):
+            step_rng, rng = jax.random.split(rng)
+            step_keys.append(step_rng)
+        return jax.vmap(lambda key: jax.random.gumbel(key, shape, jnp.float32))(
+            jnp.stack(step_keys)
+        )
+
+    def _next_token(self, logits: jax.Array, noise: jax.Array | None) -> jax.Array:
+        """[B, V] logits -> [B] int32 token: greedy argmax (noise None), or the action
+        token sampled at `decode_temperature` with this step's Gumbel noise [B, n]
+        (`_sampling_noise`: jax.random.categorical's own draw)."""
+        cfg = self.config
+        if noise is None:
+            return self._argmax(logits)
         first = cfg.action_tokenizer.first_token
         action_logits = logits[:, first : cfg.tokenizer_vocab_size].astype(jnp.float32)
-        choice = jax.random.categorical(step_rng, action_logits / cfg.decode_temperature, axis=-1)
-        return (first + choice).astype(jnp.int32), rng
+        return first + self._argmax(noise + action_logits / cfg.decode_temperature)
 
-    def _decode_step(self, carry, _):
+    @staticmethod
+    def _argmax(x: jax.Array) -> jax.Array:
+        """[B, V] -> [B] int32, `jnp.argmax(x, -1)` exactly (the first maximum; the first NaN
+        if any) as a max and a min: XLA's CPU argmax (a variadic reduce) cost ~6x more, at
+        every decoding step."""
+        top = jnp.max(x, axis=-1, keepdims=True)
+        hit = (x == top) | jnp.isnan(x)
+        slots = jnp.arange(x.shape[-1], dtype=jnp.int32)
+        return jnp.min(jnp.where(hit, slots, x.shape[-1]), axis=-1)
+
+    def _decode_step(self, carry, noise):
         """One decoding step: feed the last token into slot `index` of the cache."""
-        cache, key_valid, token, position, rng = carry
+        cache, key_valid, token, position = carry
         index = cache.index
         key_valid = jax.lax.dynamic_update_slice(
             key_valid, jnp.ones((key_valid.shape[0], 1), bool), (0, index)
         )
         mask = make_cache_attention_mask(key_valid, index, 1)
         hidden, cache = self.llm(self.llm.embed(token[:, None]), position[:, None], mask, cache)
-        next_token, rng = self._next_token(self.llm.logits(hidden)[:, 0], rng)
-        return (cache, key_valid, next_token, position + 1, rng), next_token
+        next_token = self._next_token(self.llm.logits(hidden)[:, 0], noise)
+        return (cache, key_valid, next_token, position + 1), next_token
 
     def generate_action_tokens(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
         """Prefill the KV cache with the prefix, then decode A tokens: -> [B, A].
@@ -672,7 +701,11 @@ class PixelVLA(nn.Module):
 
     def generate_tokens(self, obs: Observation, rng: jax.Array | None = None) -> jax.Array:
         """`generate_action_tokens` with the target point's 2 tokens first when
-        `target_point_tokens` is on: -> [B, num_decoded_tokens]."""
+        `target_point_tokens` is on: -> [B, num_decoded_tokens].
+
+        One prefill, then the remaining tokens one at a time from the KV cache (a scan), the
+        sampling noise of every step drawn beforehand (`_sampling_noise`).
+        """
         cfg = self.config
         if cfg.decode_temperature > 0.0 and rng is None:
             raise ValueError(
@@ -681,16 +714,17 @@ class PixelVLA(nn.Module):
                 "decode_temperature=0 for greedy decoding."
             )
         if cfg.decode_temperature == 0.0:
-            rng = None  # greedy: `_next_token` takes the argmax when it gets no rng
+            rng = None  # greedy: `_next_token` takes the argmax when it gets no noise
         prefix, valid = self.embed_prefix(obs)
         batch, s = valid.shape
         a = cfg.num_decoded_tokens
+        noise = self._sampling_noise(rng, batch)
         cache = KVCache.init(cfg.llama, batch, s + a, dtype=self.dtype)
         key_valid = jnp.concatenate([valid, jnp.zeros((batch, a), bool)], axis=1)
         mask = make_cache_attention_mask(key_valid, 0, s)
         hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
         first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
-        token, rng = self._next_token(self.llm.logits(first)[:, 0], rng)
+        token = self._next_token(self.llm.logits(first)[:, 0], None if noise is None else noise[0])
         if a == 1:
             return token[:, None]
         scan = nn.scan(
@@ -700,8 +734,8 @@ class PixelVLA(nn.Module):
             length=a - 1,
         )
         next_position = jnp.sum(valid.astype(jnp.int32), axis=1)  # RoPE counts valid tokens
-        carry = (cache, key_valid, token, next_position, rng)
-        _, rest = scan(self, carry, None)  # [A - 1, B]
+        carry = (cache, key_valid, token, next_position)
+        _, rest = scan(self, carry, None if noise is None else noise[1:])  # [A - 1, B]
         return jnp.concatenate([token[:, None], rest.T], axis=1)
 
     # --- public API ------------------------------------------------------------------------

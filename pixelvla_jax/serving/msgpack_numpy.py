@@ -61,10 +61,17 @@ def pack_array(obj: Any) -> Any:
 
 
 def _decode_dtype(value: Any) -> np.dtype:
+    if not isinstance(value, str | bytes) or len(value) > 16:
+        raise WireFormatError(f"array dtype must be a numpy dtype string like '<f4', got {value!r}")
+    return _dtype_from_string(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_from_string(value: str | bytes) -> np.dtype:
+    """A checked dtype string -> its dtype, parsed once per distinct string (every request
+    carries the same few; a refused one raises each time: exceptions are not cached)."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    if not isinstance(value, str) or len(value) > 16:
-        raise WireFormatError(f"array dtype must be a numpy dtype string like '<f4', got {value!r}")
     try:
         dtype = np.dtype(value)
     except (TypeError, ValueError) as err:
