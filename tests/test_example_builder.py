@@ -96,26 +96,28 @@ def test_pipeline_and_policy_build_examples_with_the_same_function(tokenizer_pat
     assert transform.builder.cfg == policy.example_builder.cfg == policy.data_cfg
 
     calls = []
-    original = example_lib.ExampleBuilder.build
+    original = example_lib.ExampleBuilder.row
 
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         calls.append((kwargs["train"], kwargs.get("prompt_kind"), out))
         return out
 
-    monkeypatch.setattr(example_lib.ExampleBuilder, "build", spy)
-    # ... and both go through its `build`, and return what it built.
+    monkeypatch.setattr(example_lib.ExampleBuilder, "row", spy)
+    # ... and both make each example with its `row` and batch rows with its `collate`.
     sample = _sample(images[0], masks[0], instructions[0], policy.data_cfg, referred[0])
     example = transform.random_map((0, sample), np.random.default_rng(0))
     assert [c[:2] for c in calls] == [(True, None)]
+    built = policy.example_builder.collate([calls[0][2]])
     for key in example_lib.EXAMPLE_KEYS:
-        assert example[key] is calls[0][2][key], key
+        np.testing.assert_array_equal(example[key], built[key][0], err_msg=key)
     calls.clear()
     obs = policy.preprocess(images, instructions, masks, ["mask", "points"], seed=0)
     assert [c[:2] for c in calls] == [(False, "mask"), (False, "points")]
+    built = policy.example_builder.collate([c[2] for c in calls])
     for name in _given(obs):
-        for row, (_, _, built) in enumerate(calls):
-            np.testing.assert_array_equal(getattr(obs, name)[row], built[name])
+        if name in built:
+            np.testing.assert_array_equal(getattr(obs, name), built[name], err_msg=name)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "prompts"])
