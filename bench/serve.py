@@ -3,9 +3,11 @@
     python bench/serve.py [--checkpoint=DIR] [--requests=200] [--clients=1,4,16]
                           [--max_batch=16] [--batch_window_ms=5] [--seconds=5]
 
-With no `--checkpoint`, freshly initialised PixelRef runs (`--variants`: `pixelref:default`,
-the README main job's discrete-token model, and `pixelref:tiny`, the test suite's L1-head
-model; the same compute as trained ones) are written to `--workdir` and served, each in turn.
+With no `--checkpoint`, freshly initialised PixelRef runs (`--variants`: `pixelref:tiny`, the
+tiny PixelRef model the issue names (the test suite's L1-head model, the one `evaluate
+--server` is tested with), which carries the targets, and `pixelref:default`, the README
+main job's discrete-token model, printed beside it; the same compute as trained ones) are
+written to `--workdir` and served, each in turn.
 For each, in one process, on 127.0.0.1:
   1. latency of one client: `--requests` sequential requests through the server (batched
      mode), p50 / p99, against `--requests` direct `Policy.act` calls on the same
@@ -317,10 +319,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="", help="Served run (default: tiny ones).")
     parser.add_argument(
         "--variants",
-        default="default,tiny",
+        default="tiny,default",
         help="configs/pixelref.py variants served when no --checkpoint is given, each a "
-        "freshly initialised run; the first carries the targets (default: the README main "
-        "job's model, discrete token head; tiny: the test suite's L1-head model).",
+        "freshly initialised run; the first carries the targets (tiny: the issue's tiny "
+        "PixelRef model, L1 head; default: the README main job's model, discrete token head).",
     )
     parser.add_argument("--workdir", default="/tmp/serve_bench", help="Where the tiny runs go.")
     parser.add_argument("--requests", type=int, default=200, help="Latency samples.")
