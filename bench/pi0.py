@@ -1,7 +1,7 @@
 """Benchmark: PixelVLA-π0 (the π0 family) on this CPU.
 
     python bench/pi0.py [--parts=latency,throughput,pixelref] [--batch=1] [--iters=10]
-                        [--episodes=200] [--workdir=/tmp/pi0_bench] [--steps=0] [--replan=4]
+                        [--episodes=200] [--workdir=/tmp/pi0_bench] [--steps=0] [--replan=1]
     python bench/pi0.py --smoke          # tiny sizes: checks that every part runs
 
 (a) latency: sampling an action chunk (10 Euler steps, H = 50) at a mid-size π0 config
@@ -18,15 +18,15 @@
     against the look-alike chance (a flow head samples one mode of the multimodal
     demonstrations, so it should commit to one look-alike); targets: mask >= 90%, the
     no-pixel gap to chance <= 10 points, the whole run (data, training and evaluating the
-    mask model) <= 15 minutes. `--replan` actions of each chunk of 8 run before replanning.
+    mask model) <= 15 minutes. `--replan` actions of each chunk of 8 run before replanning
+    (1: `evaluate.default_replan` for a π0 run on PixelRef).
     The recipe (configs/pixelref.py `use_pi0`: the mask-only data, the default's wsd
-    schedule over 7000 steps, actions padded to 8 dims, not openpi's 32, which starved the
-    32-wide expert: 23% with the mask), measured on a shared 2-core machine (~17 training
-    steps/s; ~21/s idle): with the mask 98.5% (EMA; raw params 98%; replan 2: 99%; another
-    data and init seed: 97.5%; 3500 steps: 96% / 92.5%); the no-pixel model 8.5% (replan
-    1: 17%) vs chance 40.7%: it does not read which kind the instruction names and mostly
-    closes where no object is (not met; the OpenVLA family needed a per-patch grounding
-    loss for this, docs/design.md §6).
+    schedule over 14000 steps, actions padded to 8 dims, not openpi's 32, which starved the
+    32-wide expert: 23% with the mask; the per-patch grounding loss against the
+    referred-objects mask). Measured on a shared 2-core machine before this recipe: 7000
+    steps without grounding gave 98.5% with the mask and 8.5% without pixels (replan 4;
+    replan 1: 17%) vs chance 40.7%, closing mostly where no object is; grounding lifted the
+    no-pixel model to 23.5% at 7000 steps and 31% at 14000 (replan 1; 18.5% at replan 4).
 
 Random weights for (a) and (b) are filled on the host (`testing.tiny_openvla.
 fast_random_params`: `jax.jit(model.init)` would compile one random op per parameter).
@@ -280,7 +280,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/pi0_bench", help="(c): runs (wiped)")
     parser.add_argument("--data_dir", default="/tmp/pixelref_bench_data", help="(c): dataset")
     parser.add_argument("--steps", type=int, default=0, help="(c): train steps (0: config's)")
-    parser.add_argument("--replan", type=int, default=4, help="(c): actions run per chunk")
+    parser.add_argument(
+        "--replan", type=int, default=1, help="(c): actions run per chunk (evaluate's default)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks it runs")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)

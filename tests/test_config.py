@@ -91,8 +91,8 @@ def test_action_chunk_inherits_chunk_size():
 @pytest.mark.parametrize(
     "name, horizon, padded, steps",
     [
-        ("pixelref:pi0", 8, 8, 7000),
-        ("pixelref:pi0_no_pixel", 8, 8, 7000),
+        ("pixelref:pi0", 8, 8, 14000),
+        ("pixelref:pi0_no_pixel", 8, 8, 14000),
         ("pixelref:pi0_tiny", 8, 8, 20),
         ("libero_pi0:tiny", 8, 32, None),  # openpi's 32 padded dims unless set
     ],

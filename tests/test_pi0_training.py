@@ -269,8 +269,8 @@ def test_pi0_configs_that_cannot_work_say_what_to_do():
     lora.model.lora.rank = lora.model.lora.expert_rank = 0
     with pytest.raises(config_lib.ConfigError, match="expert_rank"):
         config_lib.validate_config(lora)
-    # openpi's LIBERO protocol: a π0 run replans every 5 actions; other runs and suites
-    # execute the whole chunk.
+    # openpi's LIBERO protocol: a π0 run replans every 5 actions, and after every action on
+    # PixelRef's few-step episodes; other runs execute the whole chunk.
     assert evaluate.default_replan("pi0", "libero_spatial") == 5
-    assert evaluate.default_replan("pi0", "pixelref") == 0
+    assert evaluate.default_replan("pi0", "pixelref") == 1
     assert evaluate.default_replan("pixelvla", "libero_spatial") == 0
