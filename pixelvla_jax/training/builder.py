@@ -73,26 +73,19 @@ def make_loss_fn(model: Any):
                 batch.get("has_target_point"),
                 method=PixelVLA.loss,
             )
-        elif _uses_grounding_targets(model.config):
-            loss, metrics = model.apply(
-                {"params": params},
-                obs,
-                batch["actions"],
-                batch["action_pad_mask"],
-                rng,
-                grounding_mask=batch.get("grounding_mask"),
-                has_grounding_mask=batch.get("has_grounding_mask"),
-                target_point=batch.get("target_point"),
-                has_target_point=batch.get("has_target_point"),
-                method=type(model).loss,
-            )
         else:
+            grounding = (
+                {key: batch.get(key) for key in PI0_GROUNDING_KEYS}
+                if _uses_grounding_targets(model.config)
+                else {}
+            )
             loss, metrics = model.apply(
                 {"params": params},
                 obs,
                 batch["actions"],
                 batch["action_pad_mask"],
                 rng,
+                **grounding,
                 method=type(model).loss,
             )
         out = {}
@@ -105,6 +98,10 @@ def make_loss_fn(model: Any):
         return loss, out
 
     return loss_fn
+
+
+# The batch keys π0's optional grounding reads (`Pi0.loss` keyword arguments).
+PI0_GROUNDING_KEYS = ("grounding_mask", "has_grounding_mask", "target_point", "has_target_point")
 
 
 def _uses_grounding_targets(model_cfg: Any) -> bool:
