@@ -490,8 +490,8 @@ def _stats_with_proprio(low, high):
 def test_batches_are_the_per_row_examples_stacked(tokenizer):
     """The pipeline does the per-frame work per sample and the rest per batch (float masks,
     token masks, normalisation with one operation per dataset): its batches equal the
-    examples built one at a time (`SampleTransform.random_map`, i.e. `ExampleBuilder.build`
-    and `actions`, what the policy acts with), exactly, for every prompt kind, dropped and
+    examples built one at a time (`SampleTransform.random_map`: `collate` of one row, as the
+    policy builds its input), exactly, for every prompt kind, dropped and
     absent masks, steps with and without a wrist frame, the state, two datasets with their
     own statistics."""
     cfg = _cfg(batch_size=8, pixel_mask_dropout=0.3, use_wrist_image=True, use_state=True)

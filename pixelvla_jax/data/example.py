@@ -43,7 +43,8 @@ same way with its own seed) the random crop + colour jitter in training and the 
 crop when acting; without it (openpi: wrist cameras get colour jitter only) the resize +
 colour jitter in training and the resize when acting. A step stored without a wrist frame
 gives zeros and `has_wrist_image` False. The state (`use_state`) is the proprio normalised
-by `state`, which the pipeline (`actions`) and the policy both call.
+by `state` (the policy's path) and, a batch at a time, by `collate_actions` (the
+pipeline's), with the same operations.
 
 No Grain, no model: data knows the example layout (`data.config.BATCH_KEYS`), not models.
 """
@@ -67,7 +68,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ACTION_KEYS", "EXAMPLE_KEYS", "ExampleBuilder", "ExampleRow"]
 
-# The keys `ExampleBuilder.actions` fills; `build` fills the rest of BATCH_KEYS.
+# The keys `ExampleBuilder.collate_actions` fills; `collate` / `build` fill the rest of
+# BATCH_KEYS.
 ACTION_KEYS = ("actions", "action_pad_mask", "proprio", "dataset_id")
 EXAMPLE_KEYS = tuple(k for k in BATCH_KEYS if k not in ACTION_KEYS)
 
@@ -102,7 +104,7 @@ class ExampleBuilder:
     Args:
       cfg: the run's DataConfig (or a mapping of it).
       statistics: one OpenVLA-layout statistics dict per dataset (indexed by `dataset_id`
-        in `actions`); `build` does not need them.
+        in `check_actions` / `collate_actions`); `build` does not need them.
       tokenizer: the run's tokenizer.
     """
 
@@ -427,8 +429,8 @@ class ExampleBuilder:
         """Raw proprio [P] -> float32 [proprio_dim]: normalised with the dataset's statistics
         by `DataConfig.normalization`, zero-padded (the batch's `proprio` and `state`).
 
-        Training (`actions`) and acting (`Policy.preprocess`) both call this; the pipeline's
-        batches (`collate_actions`) normalise with the same operations, a batch at a time.
+        Acting (`Policy.preprocess`) calls this; the pipeline's batches (`collate_actions`)
+        normalise with the same operations, a batch at a time.
         `context` names the sample in error messages.
         """
         proprio = self._checked_proprio(proprio, dataset_id, context)
@@ -470,24 +472,6 @@ class ExampleBuilder:
             stats = self.statistics[dataset_ids[first]]
             out[rows, :width] = normalization.normalize_proprio(values, stats, cfg.normalization)
         return out
-
-    def actions(
-        self,
-        action_chunk: np.ndarray,
-        action_pad_mask: np.ndarray,
-        proprio: np.ndarray | None,
-        dataset_id: int,
-        context: str = "",
-    ) -> dict[str, np.ndarray]:
-        """The ACTION_KEYS of a training example (+ `state` with `use_state`): the chunk and
-        proprio normalised with the dataset's statistics by `DataConfig.normalization`,
-        proprio zero-padded to `proprio_dim` (`state`).
-
-        `context` names the sample in error messages. The row of `collate_actions`.
-        """
-        chunk, proprio = self.check_actions(action_chunk, proprio, dataset_id, context)
-        batch = self.collate_actions([chunk], [action_pad_mask], [proprio], [dataset_id])
-        return {key: value[0] for key, value in batch.items()}
 
     def check_actions(
         self,

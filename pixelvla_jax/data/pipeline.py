@@ -19,7 +19,7 @@
 The per-sample stage holds the GIL only briefly (its decode, resampling and colour jitter run
 in OpenCV, which releases it), so reader threads fill the cores; everything that is cheaper
 done once per batch is done there. A batch is exactly the stack of the per-row examples
-(`SampleTransform.random_map`, `ExampleBuilder.build`, which the policy acts with).
+(`SampleTransform.random_map`: `collate` of one row, as the policy builds its input).
 
 Everything up to the batch is a `grain.MapDataset`: batch k depends only on (seed, k), not
 on the number of threads or workers, and the iterator's state is one index:
@@ -245,11 +245,10 @@ class TrainingRow(NamedTuple):
 class SampleTransform(grain.transforms.RandomMap):
     """Standardised step samples (+ dataset id) -> model-ready examples and batches (numpy).
 
-    Decodes a sample and hands it to `ExampleBuilder` (the builder `Policy` acts with). Two
-    paths give the same arrays: `random_map` builds one example (`build(train=True)` for
-    the observation, `actions` for the normalised chunk and proprio); the pipeline's `row`
-    (per sample) then `collate` (per batch) build a batch of them. Picklable (for worker
-    processes). The RNG comes from Grain, seeded by (seed, index).
+    Decodes a sample and hands it to `ExampleBuilder` (the builder `Policy` acts with):
+    `row` (per sample) then `collate` (per batch) build a batch; `random_map` is `collate`
+    of one row, one example. Picklable (for worker processes). The RNG comes from Grain,
+    seeded by (seed, index).
     """
 
     def __init__(self, cfg: DataConfig, statistics: Sequence[Mapping], tokenizer: Tokenizer):
@@ -261,52 +260,35 @@ class SampleTransform(grain.transforms.RandomMap):
     def cfg(self) -> DataConfig:
         return self.builder.cfg
 
-    def _decoded(self, sample: Mapping) -> tuple[tuple, dict]:
-        """A sample's `ExampleBuilder.build` / `row` arguments (positional, keyword)."""
+    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """(dataset_id, sample) -> one example (the `batch_keys` of a batch, unbatched):
+        `collate` of its one `row`."""
+        return self.example(self.row(element, rng))
+
+    def row(self, element, rng: np.random.Generator) -> TrainingRow:
+        """(dataset_id, sample) -> its TrainingRow, the per-frame work: decode, then
+        `ExampleBuilder.row` and the checked raw actions; errors name the sample."""
+        dataset_id, sample = element
+        chunk, proprio = self.builder.check_actions(
+            sample["action_chunk"], sample.get("proprio"), dataset_id, _sample_context(sample)
+        )
         image = image_lib.decode_image(sample["image"])
         # A camera the config does not use (the wrist frame without use_wrist_image) is
         # never decoded.
         wrist = None
         if self.cfg.use_wrist_image and len(sample.get("wrist_image") or b""):
             wrist = image_lib.decode_image(sample["wrist_image"])
-        args = (
+        example = self.builder.row(
             image,
             sample["instruction"],
             _decode_sample_mask(sample, "pixel_mask", image.shape[:2], self.masks),
             _decode_sample_mask(sample, "referred_mask", image.shape[:2], self.masks),
-        )
-        return args, {"train": True, "wrist_image": wrist}
-
-    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """(dataset_id, sample) -> one example (the `batch_keys` of a batch, unbatched)."""
-        dataset_id, sample = element
-        args, kwargs = self._decoded(sample)
-        example = self.builder.build(*args, rng=rng, **kwargs)
-        example.update(
-            self.builder.actions(
-                sample["action_chunk"],
-                sample["action_pad_mask"],
-                sample.get("proprio"),
-                dataset_id,
-                context=_sample_context(sample),
-            )
-        )
-        return {k: example[k] for k in self.keys}
-
-    def row(self, element, rng: np.random.Generator) -> TrainingRow:
-        """(dataset_id, sample) -> its TrainingRow: the per-frame part of `random_map` (the
-        same draws); errors name the sample."""
-        dataset_id, sample = element
-        args, kwargs = self._decoded(sample)
-        chunk, proprio = self.builder.check_actions(
-            sample["action_chunk"], sample.get("proprio"), dataset_id, _sample_context(sample)
+            rng=rng,
+            train=True,
+            wrist_image=wrist,
         )
         return TrainingRow(
-            self.builder.row(*args, rng=rng, **kwargs),
-            chunk,
-            np.asarray(sample["action_pad_mask"], bool),
-            proprio,
-            dataset_id,
+            example, chunk, np.asarray(sample["action_pad_mask"], bool), proprio, dataset_id
         )
 
     def collate(self, rows: Sequence[TrainingRow]) -> dict[str, np.ndarray]:
