@@ -284,6 +284,7 @@ class Policy:
             prompt_kind=prompt_kind,
             visual_prompt=visual_prompt,
             wrist_image=wrist_image,
+            labels=False,  # the model's inputs alone: no centroid or grounding target per row
         )
         return PolicyRow(row, None if state is None else self.example_builder.state(state))
 

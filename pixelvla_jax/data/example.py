@@ -249,8 +249,11 @@ class ExampleBuilder:
         prompt_kind: str | None = None,
         visual_prompt: prompts.VisualPrompt | None = None,
         wrist_image: np.ndarray | Image.Image | None = None,
+        labels: bool = True,
     ) -> ExampleRow:
-        """The per-frame part of `build` (same arguments, same random draws): an ExampleRow."""
+        """The per-frame part of `build` (same arguments, same random draws): an ExampleRow.
+        With `labels=False` (acting: `Policy.example`) the training labels are left out
+        (`grounding_mask` and `target_point` None); the model's inputs are the same."""
         cfg = self.cfg
         size = cfg.image_size
         if wrist_image is not None and not cfg.use_wrist_image:
@@ -339,8 +342,8 @@ class ExampleBuilder:
             prompt_types=types,
             prompt_mask=prompt_mask,
             tokens=self.tokens_for(instruction),
-            grounding_mask=grounding,
-            target_point=_mask_centroid(target),
+            grounding_mask=grounding if labels else None,
+            target_point=_mask_centroid(target) if labels else None,
         )
         if cfg.use_wrist_image:  # drawn last: the base camera's draws do not depend on it
             row.wrist_image = None if wrist_image is None else self._wrist(wrist_image, rng, train)
