@@ -120,6 +120,31 @@ def test_pipeline_and_policy_build_examples_with_the_same_function(tokenizer_pat
             np.testing.assert_array_equal(getattr(obs, name), built[name], err_msg=name)
 
 
+def test_acting_rows_leave_out_the_training_labels_alone(tokenizer_path):
+    """`Policy.example` (what the server runs per request) skips the labels (target centroid,
+    grounding target); every model input equals the labelled row of the same draws."""
+    policy = _policy(tokenizer_path)
+    images, masks, _, instructions = _scenes(1)
+    mask = (masks[0] > 0).astype(np.uint8)
+    for kind in ("mask", "points"):
+        acting = policy.example(images[0], instructions[0], mask, kind, seed=3, index=1).example
+        labelled = policy.example_builder.row(
+            images[0], instructions[0], mask, rng=np.random.default_rng([3, 1]), train=False,
+            prompt_kind=kind,
+        )  # fmt: skip
+        assert acting.target_point is None and acting.grounding_mask is None
+        assert labelled.target_point is not None and labelled.grounding_mask is not None
+        inputs = [f.name for f in dataclasses.fields(acting)]
+        inputs = [n for n in inputs if n not in ("target_point", "grounding_mask")]
+        assert [n for n in inputs if getattr(labelled, n) is None] == [
+            n for n in inputs if getattr(acting, n) is None
+        ]
+        chex.assert_trees_all_equal(
+            {n: getattr(acting, n) for n in inputs if getattr(acting, n) is not None},
+            {n: getattr(labelled, n) for n in inputs if getattr(labelled, n) is not None},
+        )
+
+
 @pytest.mark.parametrize("variant", ["tiny", "prompts"])
 def test_acting_examples_equal_the_pipeline_with_augmentation_off(tokenizer_path, variant):
     """Per prompt kind and sample: the policy's input is the training example of the same
