@@ -56,6 +56,29 @@ ITEMS = (STATE, DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)  # required in
 OPTIONAL_ITEMS = (ASSETS,)  # absent in checkpoints written before it existed
 JSON_ITEMS = (DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)
 
+_single_process_arrays_registered = False
+
+
+def _save_arrays_whole_in_one_process() -> None:
+    """In a single process, Orbax's jax.Array handler without replica-parallel saving.
+
+    Replica-parallel saving splits each replicated array across the replicas holding it, so
+    that on a pod every host writes a share; it slices each array with a jitted op per
+    distinct shape first. In one process every share is written by the same process anyway,
+    and the slices only cost compilations: measured on the 8-device CPU mesh the tests use,
+    the first save of 150 replicated arrays of distinct shapes took 70.8 s with it and 0.38 s
+    without (Orbax already turns it off on GPUs). Registered once per process (Orbax's type
+    handlers are process-wide), only when `jax.process_count() == 1`; multi-host runs keep
+    Orbax's default. The files written are the same either way."""
+    global _single_process_arrays_registered
+    if _single_process_arrays_registered or jax.process_count() != 1:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    )
+    _single_process_arrays_registered = True
+
+
 _COMMIT_MARKER = "commit_success.txt"
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 _BYTES_KEY = "__bytes_utf8__"
@@ -150,6 +173,7 @@ class Checkpointer:
         if "://" not in directory:  # Orbax needs absolute paths (a relative workdir is common)
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
+        _save_arrays_whole_in_one_process()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             keep_period=keep_period,
