@@ -1,5 +1,7 @@
 """Training setup: one builder for training and memory plans, weight loaders, throughput logs."""
 
+import dataclasses
+
 import chex
 import jax
 import pytest
@@ -125,3 +127,29 @@ def test_previous_run_loader_names_the_config_key(tmp_path):
     (loader,) = weight_loaders.loaders_from_config(cfg)
     with pytest.raises(FileNotFoundError, match=r"config\.init\.from_checkpoint=.*missing"):
         loader.load({})
+
+
+def test_a_missing_init_source_fails_before_the_state_is_initialised(built, tmp_path, monkeypatch):
+    cfg = built[0].copy_and_resolve_references()
+    cfg.init.from_checkpoint = str(tmp_path / "no_such_run")
+    real = builder.build_step
+
+    def build_step(*args, **kwargs):  # the state's init must not run (nor compile)
+        def init_fn(rng):
+            raise AssertionError("the state was initialised before the init sources were checked")
+
+        step = real(*args, **kwargs)
+        return dataclasses.replace(step, init_fn=init_fn)
+
+    monkeypatch.setattr(builder, "build_step", build_step)
+    with pytest.raises(FileNotFoundError, match=r"config\.init\.from_checkpoint=.*no_such_run"):
+        experiment.setup(cfg, str(tmp_path / "run"))
+    # Each loader's own check names its setting; an existing source passes.
+    for key in ("openvla_checkpoint", "pi0_checkpoint", "from_checkpoint"):
+        one = config_lib.base_config()
+        setattr(one.init, key, str(tmp_path / "missing"))
+        (loader,) = weight_loaders.loaders_from_config(one)
+        with pytest.raises(FileNotFoundError, match=rf"config\.init\.{key}=.*missing"):
+            loader.check()
+        setattr(one.init, key, str(tmp_path))
+        weight_loaders.loaders_from_config(one)[0].check()

@@ -128,10 +128,13 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Experiment:
             start_step = int(restored.step)
             log.info("Resumed from %s step %d", workdir, start_step)
         else:
+            loaders = weight_loaders_lib.loaders_from_config(cfg)
+            for loader in loaders:  # a mistyped source fails now, not after the compilation
+                loader.check()
             state = jax.jit(step.init_fn, out_shardings=step.shardings)(step.rng)
             start_step = 0
             params = state.params
-            for loader in weight_loaders_lib.loaders_from_config(cfg):
+            for loader in loaders:
                 params = loader.load(params)
             params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, step.state.params)
             state = state.replace(params=jax.device_put(params, step.shardings.params))

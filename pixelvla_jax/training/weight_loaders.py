@@ -14,6 +14,7 @@ entry there.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,6 +33,20 @@ class WeightLoader(Protocol):
     def load(self, params: Any) -> Any:
         """Returns `params` with the leaves this source provides replaced (same shardings)."""
 
+    def check(self) -> None:
+        """Raises FileNotFoundError, naming the setting, if the source is not there: called
+        before the state is initialised (a compilation), so a mistyped path fails at once."""
+
+
+def check_local_source(path: str, config_key: str) -> None:
+    """FileNotFoundError naming `config_key` if the local `path` does not exist (a remote
+    one, `gs://...`, is left to the loader's own read)."""
+    if path and "://" not in path and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{config_key}={path}: no such file or directory; give the path of an existing "
+            "checkpoint (or unset the setting)."
+        )
+
 
 class OpenVLAWeightLoader:
     """The vision towers, projector and LLM of an OpenVLA HF checkpoint directory
@@ -44,6 +59,9 @@ class OpenVLAWeightLoader:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> OpenVLAWeightLoader:
         return cls(cfg.init.openvla_checkpoint, config_lib.model_config(cfg))
+
+    def check(self) -> None:
+        check_local_source(self.checkpoint_dir, "config.init.openvla_checkpoint")
 
     def load(self, params: Any) -> Any:
         from pixelvla_jax.weights import openvla
@@ -69,6 +87,9 @@ class Pi0WeightLoader:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> Pi0WeightLoader:
         return cls(cfg.init.pi0_checkpoint, config_lib.model_config(cfg))
+
+    def check(self) -> None:
+        check_local_source(self.params_dir, "config.init.pi0_checkpoint")
 
     def load(self, params: Any) -> Any:
         from pixelvla_jax.weights import pi0
@@ -101,6 +122,9 @@ class PreviousRunWeightLoader:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> PreviousRunWeightLoader:
         return cls(cfg.init.from_checkpoint)
+
+    def check(self) -> None:
+        check_local_source(self.path, self.config_key)
 
     def load(self, params: Any) -> Any:
         from pixelvla_jax import runs
