@@ -61,24 +61,19 @@ def make_loss_fn(model: Any):
 
     def loss_fn(params, batch, rng):
         obs = batch_to_observation(batch)
+        grounding = {key: batch.get(key) for key in GROUNDING_KEYS}
         if isinstance(model, PixelVLA):
             loss, metrics = model.apply(
                 {"params": params},
                 obs,
                 batch["actions"],
                 batch["action_pad_mask"],
-                batch.get("grounding_mask"),
-                batch.get("has_grounding_mask"),
-                batch.get("target_point"),
-                batch.get("has_target_point"),
+                **grounding,
                 method=PixelVLA.loss,
             )
         else:
-            grounding = (
-                {key: batch.get(key) for key in PI0_GROUNDING_KEYS}
-                if _uses_grounding_targets(model.config)
-                else {}
-            )
+            if not _uses_grounding_targets(model.config):
+                grounding = {}
             loss, metrics = model.apply(
                 {"params": params},
                 obs,
@@ -100,8 +95,9 @@ def make_loss_fn(model: Any):
     return loss_fn
 
 
-# The batch keys π0's optional grounding reads (`Pi0.loss` keyword arguments).
-PI0_GROUNDING_KEYS = ("grounding_mask", "has_grounding_mask", "target_point", "has_target_point")
+# The batch keys of the grounding targets (keyword arguments of `PixelVLA.loss`, and of
+# `Pi0.loss` with π0's optional grounding).
+GROUNDING_KEYS = ("grounding_mask", "has_grounding_mask", "target_point", "has_target_point")
 
 
 def _uses_grounding_targets(model_cfg: Any) -> bool:

@@ -27,6 +27,7 @@ another mesh shape or device count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -56,9 +57,8 @@ ITEMS = (STATE, DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)  # required in
 OPTIONAL_ITEMS = (ASSETS,)  # absent in checkpoints written before it existed
 JSON_ITEMS = (DATA_STATE, CONFIG, DATASET_STATISTICS, METADATA)
 
-_single_process_arrays_registered = False
 
-
+@functools.cache
 def _save_arrays_whole_in_one_process() -> None:
     """In a single process, Orbax's jax.Array handler without replica-parallel saving.
 
@@ -70,13 +70,10 @@ def _save_arrays_whole_in_one_process() -> None:
     without (Orbax already turns it off on GPUs). Registered once per process (Orbax's type
     handlers are process-wide), only when `jax.process_count() == 1`; multi-host runs keep
     Orbax's default. The files written are the same either way."""
-    global _single_process_arrays_registered
-    if _single_process_arrays_registered or jax.process_count() != 1:
-        return
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-    )
-    _single_process_arrays_registered = True
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
 
 
 _COMMIT_MARKER = "commit_success.txt"

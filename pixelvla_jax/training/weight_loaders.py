@@ -52,6 +52,8 @@ class OpenVLAWeightLoader:
     """The vision towers, projector and LLM of an OpenVLA HF checkpoint directory
     (`config.init.openvla_checkpoint`); LoRA adapters and PixelVLA's own parts are kept."""
 
+    config_key = "config.init.openvla_checkpoint"  # named in errors: the setting to fix
+
     def __init__(self, checkpoint_dir: str, model_cfg: PixelVLAConfig):
         self.checkpoint_dir = checkpoint_dir
         self.model_cfg = model_cfg
@@ -61,7 +63,7 @@ class OpenVLAWeightLoader:
         return cls(cfg.init.openvla_checkpoint, config_lib.model_config(cfg))
 
     def check(self) -> None:
-        check_local_source(self.checkpoint_dir, "config.init.openvla_checkpoint")
+        check_local_source(self.checkpoint_dir, self.config_key)
 
     def load(self, params: Any) -> Any:
         from pixelvla_jax.weights import openvla
@@ -80,6 +82,8 @@ class Pi0WeightLoader:
     `params/` directory (`config.init.pi0_checkpoint`, an Orbax PyTree); LoRA adapters and
     PixelVLA's pixel / prompt encoders keep their init."""
 
+    config_key = "config.init.pi0_checkpoint"  # named in errors: the setting to fix
+
     def __init__(self, params_dir: str, model_cfg: Any):
         self.params_dir = params_dir
         self.model_cfg = model_cfg
@@ -89,7 +93,7 @@ class Pi0WeightLoader:
         return cls(cfg.init.pi0_checkpoint, config_lib.model_config(cfg))
 
     def check(self) -> None:
-        check_local_source(self.params_dir, "config.init.pi0_checkpoint")
+        check_local_source(self.params_dir, self.config_key)
 
     def load(self, params: Any) -> Any:
         from pixelvla_jax.weights import pi0
@@ -102,7 +106,7 @@ class Pi0WeightLoader:
                 shardings=jax.tree.map(lambda x: x.sharding, params),
             )
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"config.init.pi0_checkpoint={self.params_dir}: {e}") from None
+            raise FileNotFoundError(f"{self.config_key}={self.params_dir}: {e}") from None
         log.info("Initialising from the openpi checkpoint %s", self.params_dir)
         return pi0.merge_imported(params, imported)
 
