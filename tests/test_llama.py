@@ -197,6 +197,62 @@ def test_scan_layout_with_cache(ref):
     chex.assert_trees_all_close(logits[:, 0], expected[:, 5], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "scan, remat", [(False, False), (False, True), (True, False)], ids=["loop", "remat", "scan"]
+)
+def test_keep_last_equals_the_full_call(ref, scan, remat):
+    """keep_last=n: HF's logits at the last n positions (a padded prompt with a bidirectional
+    tail, as the action slots), the full call's KV cache, and the same gradients as slicing
+    the full call's hidden states (the unrolled last block computes those n rows alone)."""
+    config, model, _, state = ref
+    cfg = config.replace(scan_layers=scan, remat=remat)
+    params = {"params": convert_hf_llama(state, cfg)}
+    llama = Llama(cfg)
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    positions, mask = _full_inputs(*tokens.shape)
+    run = jax.jit(
+        lambda p, n: llama.apply(
+            p, llama.apply(p, tokens, method=Llama.embed), positions, mask, keep_last=n
+        )[0],
+        static_argnums=1,
+    )
+    for n in (1, 4):
+        hidden = run(params, n)
+        chex.assert_shape(hidden, (2, n, cfg.width))
+        logits = llama.apply(params, hidden, method=Llama.logits)
+        chex.assert_trees_all_close(logits, _hf_logits(model, tokens)[:, -n:], atol=TOL, rtol=0)
+
+    valid = jnp.asarray(np.arange(9)[None] != 4).repeat(2, 0)  # a gap, a bidirectional tail
+    bidirectional = jnp.asarray(np.arange(9)[None] >= 6).repeat(2, 0)
+    masked = llama_lib.make_attention_mask(valid, bidirectional)
+    pos = llama_lib.positions_from_mask(valid)
+    emb = llama.apply(params, tokens, method=Llama.embed)
+
+    def loss(p, n):
+        hidden = llama.apply(p, emb, pos, masked, keep_last=n)[0]
+        return jnp.sum(jnp.square(hidden[:, -3:])), hidden[:, -3:]
+
+    (_, part), g_part = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, 3
+    )
+    (_, full), g_full = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        params, None
+    )
+    chex.assert_trees_all_close(part, full, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(g_part, g_full, atol=1e-5, rtol=1e-5)
+
+    cache = KVCache.init(cfg, 2, 12)
+    key_valid = jnp.concatenate([valid, jnp.zeros((2, 3), bool)], axis=1)
+    cmask = llama_lib.make_cache_attention_mask(key_valid, 0, 9)
+    h_full, c_full = llama.apply(params, emb, pos, cmask, cache)
+    h_last, c_last = llama.apply(params, emb, pos, cmask, cache, keep_last=1)
+    chex.assert_trees_all_close(h_last, h_full[:, -1:], atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(c_last, c_full, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="keep_last=10"):
+        llama.apply(params, emb, pos, masked, keep_last=10)
+
+
 def test_bf16_compute_runs_and_is_close():
     config = llama_lib.tiny()
     tokens = np.random.default_rng(5).integers(0, config.vocab_size, (2, 6)).astype(np.int32)

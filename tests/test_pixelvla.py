@@ -139,6 +139,35 @@ def test_l1_predict_shape_and_padding_invariance(l1_model):
     chex.assert_trees_all_close(predict(variables, padded), actions, atol=2e-5, rtol=1e-7)
 
 
+def test_acting_computes_only_the_read_rows_of_the_last_layer(l1_model):
+    """predict_actions runs the last LLM layer on the action slots alone (keep_last); the
+    actions equal the training forward's, which runs every position."""
+    config, model, variables = l1_model
+    obs = _obs(config, seed=3)
+    acting, (trained, hidden) = jax.jit(
+        lambda v, o: (
+            model.apply(v, o, method=PixelVLA.predict_actions),
+            model.apply(v, o, method=lambda m, o: m._l1_forward(o)),
+        )
+    )(variables, obs)
+    assert hidden.shape[1] > config.num_action_slots  # the training forward: every position
+    chex.assert_trees_all_close(acting, trained, atol=1e-5, rtol=0)
+    assert np.abs(np.asarray(acting)).max() > 1e-3
+
+    # Text first, the discrete head's prefill runs the last layer at the prefix's last position
+    # alone: greedy decoding still equals the argmax of the teacher-forced (full) logits.
+    config = PixelVLAConfig.tiny(head="discrete", text_first=True, use_prompt_encoder=False)
+    model = PixelVLA(config)
+    obs, variables = _obs(config, seed=4), _random_variables(config, seed=2)
+    tokens, logits = jax.jit(
+        lambda v, o: (
+            t := model.apply(v, o, method=PixelVLA.generate_action_tokens),
+            model.apply(v, o, t, method=PixelVLA.discrete_logits),
+        )
+    )(variables, obs)
+    chex.assert_trees_all_equal(np.argmax(logits[:, :7], -1), tokens)
+
+
 def test_absent_and_present_share_one_compilation(l1_model):
     config, model, variables = l1_model
     traces = []

@@ -268,6 +268,24 @@ class RMSNorm(nn.Module):
         return normed * scale.astype(self.dtype)
 
 
+def grouped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Any = jnp.float32
+) -> jax.Array:
+    """Softmax attention, grouped-query: q [B, L, H, hd], k/v [B, M, K, hd] (H a multiple of
+    K: query head i reads KV head i // (H / K)), mask [B, L, M] bool -> [B, L, H * hd].
+
+    Logits and softmax in float32, masked logits at a large negative value (a fully masked
+    row comes out uniform, not NaN), probabilities cast to `dtype`.
+    """
+    b, length, h, hd = q.shape
+    k_heads = k.shape[2]
+    q = q.reshape(b, length, k_heads, h // k_heads, hd) * jnp.asarray(hd**-0.5, dtype)
+    logits = jnp.einsum("blkgd,bmkd->bkglm", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bkglm,bmkd->blkgd", probs, v).reshape(b, length, h * hd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional per-layer KV cache."""
 
@@ -284,13 +302,25 @@ class Attention(nn.Module):
         cache_k: jax.Array | None = None,
         cache_v: jax.Array | None = None,
         cache_index: jax.Array | None = None,
+        keep_last: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """x [B, L, D], positions [B, L], mask [B, L, Lk] bool; cache_k/v [B, M, K, hd].
 
-        Returns (out [B, L, D], new cache_k, new cache_v); Lk == M with a cache, else L.
+        keep_last: None, or queries for the last `keep_last` positions only (the keys and
+        values, and what a cache gets, still come from all L).
+        Returns (out [B, L or keep_last, D], new cache_k, new cache_v); Lk == M with a cache,
+        else L.
         """
         cfg = self.config
         b, length, _ = x.shape
+        if mask.shape[:2] != (b, length):
+            raise ValueError(
+                f"attn_mask has shape {mask.shape}, expected [B, L, Lk] with B, L = {(b, length)}"
+            )
+        x_q, q_positions = x, positions
+        if keep_last is not None:
+            x_q, q_positions = x[:, -keep_last:], positions[:, -keep_last:]
+            mask = mask[:, -keep_last:]
         h, k_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dense = lambda features, axes, name: Dense(
             features,
@@ -300,13 +330,13 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
-        q = dense(h * hd, ("embed", "heads"), "q_proj")(x).reshape(b, length, h, hd)
+        q = dense(h * hd, ("embed", "heads"), "q_proj")(x_q).reshape(b, x_q.shape[1], h, hd)
         k = dense(k_heads * hd, ("embed", "kv_heads"), "k_proj")(x).reshape(b, length, k_heads, hd)
         v = dense(k_heads * hd, ("embed", "kv_heads"), "v_proj")(x).reshape(b, length, k_heads, hd)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+        q = rope(q, q_positions, cfg.rope_theta, cfg.rope_scaling)
         k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
 
         if cache_k is not None:
@@ -315,17 +345,12 @@ class Attention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
 
-        if mask.shape != (b, length, k.shape[1]):
+        if mask.shape[2] != k.shape[1]:
             raise ValueError(
                 f"attn_mask has shape {mask.shape}, expected {(b, length, k.shape[1])} "
                 "([B, L, L] without a cache, [B, L, cache max_len] with one)"
             )
-        groups = h // k_heads
-        q = q.reshape(b, length, k_heads, groups, hd) * jnp.asarray(hd**-0.5, self.dtype)
-        logits = jnp.einsum("blkgd,bmkd->bkglm", q, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkglm,bmkd->blkgd", probs, v).reshape(b, length, h * hd)
+        out = grouped_attention(q, k, v, mask, self.dtype)
         out = dense(cfg.width, ("heads", "embed"), "o_proj")(out)
         return out, cache_k, cache_v
 
@@ -363,14 +388,20 @@ class DecoderBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cache_k, cache_v, positions, mask, cache_index):
-        """x [B, L, D]; cache_k/v [B, M, K, hd] or None -> (x, (cache_k, cache_v))."""
+    def __call__(self, x, cache_k, cache_v, positions, mask, cache_index, keep_last=None):
+        """x [B, L, D]; cache_k/v [B, M, K, hd] or None -> (x, (cache_k, cache_v)).
+
+        keep_last: None, or the block's output for the last `keep_last` positions only
+        (x [B, keep_last, D]; its attention still reads the keys and values of all L).
+        """
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(cfg.norm_eps, name="input_layernorm", **kw)(x)
         h, cache_k, cache_v = Attention(cfg, name="attn", **kw)(
-            h, positions, mask, cache_k, cache_v, cache_index
+            h, positions, mask, cache_k, cache_v, cache_index, keep_last
         )
+        if keep_last is not None:
+            x = x[:, -keep_last:]
         x = x + h
         h = RMSNorm(cfg.norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + MLP(cfg, name="mlp", **kw)(h)
@@ -402,7 +433,10 @@ class Llama(nn.Module):
         )
         block = DecoderBlock
         if cfg.remat:
-            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+            # Unrolled, each block gets keep_last (argument 7, counting self), a Python int
+            # (or None) that shapes it; a scanned block never gets it.
+            static = () if cfg.scan_layers else (7,)
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers, static_argnums=static)
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block,
@@ -434,6 +468,7 @@ class Llama(nn.Module):
         positions: jax.Array,
         attn_mask: jax.Array,
         cache: KVCache | None = None,
+        keep_last: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the blocks and the final RMSNorm.
 
@@ -443,25 +478,39 @@ class Llama(nn.Module):
           attn_mask: [B, L, L] bool without a cache; [B, L, cache.max_len] with one
             (query i, key slot j; see `make_attention_mask` / `make_cache_attention_mask`).
           cache: a KVCache to write these L tokens into at `cache.index`, or None.
+          keep_last: None, or only the last `keep_last` positions' hidden states are wanted
+            (a head that reads the action slots, or the next token's logits): with unrolled
+            layers the last block computes its queries, attention output and MLP for those
+            positions alone (keys, values and the cache still cover all L); the result
+            equals the full call's last `keep_last` rows. With `scan_layers` every block runs
+            the full length (one scanned block has one shape) and the rows are sliced.
 
         Returns:
-          (hidden [B, L, D], the updated cache or None).
+          (hidden [B, L or keep_last, D], the updated cache or None).
         """
         cfg = self.config
         x = nn.with_logical_constraint(embeddings.astype(self.dtype), ("batch", "length", "embed"))
         positions = jnp.asarray(positions, jnp.int32)
         attn_mask = jnp.asarray(attn_mask, bool)
+        length = x.shape[1]
+        if keep_last is not None and not 1 <= keep_last <= length:
+            raise ValueError(f"keep_last={keep_last}: must be in [1, L={length}].")
         index = None if cache is None else cache.index
         cache_k = None if cache is None else cache.k
         cache_v = None if cache is None else cache.v
         if cfg.scan_layers:
             x, (new_k, new_v) = self.layers(x, cache_k, cache_v, positions, attn_mask, index)
+            if keep_last is not None:
+                x = x[:, -keep_last:]
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 layer_k = None if cache is None else cache_k[i]
                 layer_v = None if cache is None else cache_v[i]
-                x, (layer_k, layer_v) = layer(x, layer_k, layer_v, positions, attn_mask, index)
+                last = keep_last if i == len(self.layers) - 1 else None
+                x, (layer_k, layer_v) = layer(
+                    x, layer_k, layer_v, positions, attn_mask, index, last
+                )
                 new_k.append(layer_k)
                 new_v.append(layer_v)
             if cache is not None:

@@ -514,12 +514,17 @@ class PixelVLA(nn.Module):
         return jnp.pad(state, ((0, 0), (0, p - state.shape[1])))
 
     def _run_llm(
-        self, embeddings: jax.Array, valid: jax.Array, bidirectional: jax.Array
+        self,
+        embeddings: jax.Array,
+        valid: jax.Array,
+        bidirectional: jax.Array,
+        keep_last: int | None = None,
     ) -> jax.Array:
-        """[B, T, D], [B, T], [B, T] -> last hidden states [B, T, D]."""
+        """[B, T, D], [B, T], [B, T] -> last hidden states [B, T, D] ([B, keep_last, D]: the
+        last positions only, `Llama.__call__`'s keep_last)."""
         positions = positions_from_mask(valid)
         mask = make_attention_mask(valid, bidirectional)
-        hidden, _ = self.llm(embeddings, positions, mask)
+        hidden, _ = self.llm(embeddings, positions, mask, keep_last=keep_last)
         return hidden
 
     def _last_index(self, valid: jax.Array) -> jax.Array:
@@ -562,11 +567,19 @@ class PixelVLA(nn.Module):
     # --- L1 head -----------------------------------------------------------------------------
 
     def l1_actions(self, obs: Observation) -> jax.Array:
-        """One forward pass: -> [B, N_c, A] normalised actions."""
-        return self._l1_forward(obs)[0]
+        """One forward pass: -> [B, N_c, A] normalised actions.
 
-    def _l1_forward(self, obs: Observation) -> tuple[jax.Array, jax.Array]:
-        """-> ([B, N_c, A] normalised actions, [B, S + suffix, D] last hidden states)."""
+        Only the hidden states the head reads are computed in the last LLM layer (the action
+        slots, `Llama.__call__`'s keep_last): the same actions as `_l1_forward`'s, for ~1/depth
+        less of the LLM's work (OFT's readout starts at a per-row position: all of it runs).
+        """
+        return self._l1_forward(obs, readout_only=True)[0]
+
+    def _l1_forward(
+        self, obs: Observation, readout_only: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        """-> ([B, N_c, A] normalised actions, [B, S + suffix, D] last hidden states; with
+        `readout_only` (PixelVLA's slots) the action slots' alone, [B, K, D])."""
         cfg = self.config
         if cfg.head != "l1":
             raise ValueError("l1_actions needs head='l1'")
@@ -583,10 +596,10 @@ class PixelVLA(nn.Module):
         bidirectional = jnp.concatenate(
             [jnp.zeros((batch, s), bool), jnp.ones((batch, k), bool)], axis=1
         )
-        hidden = self._run_llm(embeddings, valid, bidirectional)
+        hidden = self._run_llm(embeddings, valid, bidirectional, k if readout_only else None)
         if self.is_initializing():  # create lm_head, which the OpenVLA checkpoint carries
             self.llm.logits(hidden[:, :1])
-        return self.action_head(hidden[:, s:]), hidden
+        return self.action_head(hidden[:, hidden.shape[1] - k :]), hidden
 
     def _oft_forward(self, obs: Observation) -> tuple[jax.Array, jax.Array]:
         """OpenVLA-OFT's L1 forward (`_regression_or_discrete_prediction`): zeroed action
@@ -722,8 +735,11 @@ class PixelVLA(nn.Module):
         cache = KVCache.init(cfg.llama, batch, s + a, dtype=self.dtype)
         key_valid = jnp.concatenate([valid, jnp.zeros((batch, a), bool)], axis=1)
         mask = make_cache_attention_mask(key_valid, 0, s)
-        hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
-        first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
+        if cfg.text_first:  # the first token is read at the prefix's last position
+            first, cache = self.llm(prefix, positions_from_mask(valid), mask, cache, keep_last=1)
+        else:
+            hidden, cache = self.llm(prefix, positions_from_mask(valid), mask, cache)
+            first = jnp.take_along_axis(hidden, self._last_index(valid)[:, None, None], axis=1)
         token = self._next_token(self.llm.logits(first)[:, 0], None if noise is None else noise[0])
         if a == 1:
             return token[:, None]
