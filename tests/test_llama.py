@@ -233,9 +233,7 @@ def test_keep_last_equals_the_full_call(ref, scan, remat):
         hidden = llama.apply(p, emb, pos, masked, keep_last=n)[0]
         return jnp.sum(jnp.square(hidden[:, -3:])), hidden[:, -3:]
 
-    (_, part), g_part = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-        params, 3
-    )
+    (_, part), g_part = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, 3)
     (_, full), g_full = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
         params, None
     )
