@@ -1,7 +1,7 @@
 """The policy server against a direct `Policy.act`, and batched against one-at-a-time serving.
 
     python bench/serve.py [--checkpoint=DIR] [--requests=200] [--clients=1,4,16]
-                          [--max_batch=16] [--batch_window_ms=5] [--seconds=5]
+                          [--max_batch=16] [--batch_window_ms=5] [--seconds=3] [--rounds=3]
 
 With no `--checkpoint`, freshly initialised PixelRef runs (`--variants`: `pixelref:tiny`, the
 tiny PixelRef model the issue names (the test suite's L1-head model, the one `evaluate
@@ -20,7 +20,11 @@ For each, in one process, on 127.0.0.1:
      request at a time across all clients; reproduced here with the same wire format, request
      parsing and `Policy` preprocessing, so only the serving loop differs); and this
      project's server with `max_batch=1` (one request per model call, but preprocessing and
-     network I/O still overlap the model call);
+     network I/O still overlap the model call). The three servers run side by side and are
+     measured in turn, `--rounds` times at each client count: a shared machine's slower or
+     faster minute then falls on all three (runs minutes apart differed by 15% and more). The
+     table gives each server's median requests/s and, as the speedup, the median of the
+     rounds' ratios (each ratio of two runs seconds apart);
   3. the model alone: `Policy.predict` on a collated batch of 1, `--max_batch` / 2 and
      `--max_batch` rows (the clients' frames, kind "mask"), ms per call and per row, wall
      and process CPU: the model's share of a served request.
@@ -36,6 +40,7 @@ overhead <= 5 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -312,37 +317,56 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
     sizes = sorted({1, max(1, args.max_batch // 2), args.max_batch})
     model = _model_alone(policy, scenes, sizes, reps=max(20, args.requests // 2))
 
-    results: dict[str, dict[int, float]] = {}
-    batches: dict[str, dict[int, float]] = {}
-    cpu: dict[str, dict[int, dict]] = {}
-    served_p50 = served_p99 = float("nan")
-    for mode, max_batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
-        server = PolicyServer(
-            policy, port=0, max_batch=max_batch, batch_window_ms=args.batch_window_ms
-        )
-        server.warmup()
-        with ServerThread(server) as thread:
-            if mode == "batched":  # 2. One client's latency through the server.
-                with WebsocketClientPolicy(thread.url, connect_timeout_s=30) as client:
-                    obs = observation(image, text, mask)
-                    for _ in range(3):
-                        client.infer(obs)
-                    served = []
-                    for _ in range(args.requests):
-                        t = time.perf_counter()
-                        client.infer(obs)
-                        served.append(time.perf_counter() - t)
-                served_p50, served_p99 = _percentiles(served)
-            results[mode], batches[mode], cpu[mode] = {}, {}, {}
-            for n in clients:  # 3. Throughput.
-                got = _throughput(thread.url, scenes, n, args.seconds)
-                results[mode][n], batches[mode][n] = got["rps"], got["mean_batch"]
-                cpu[mode][n] = got["cpu_ms"]
-    with OpenpiLoopServer(policy) as thread:
-        results["openpi_loop"], cpu["openpi_loop"] = {}, {}
-        for n in clients:
-            got = _throughput(thread.url, scenes, n, args.seconds)
-            results["openpi_loop"][n], cpu["openpi_loop"][n] = got["rps"], got["cpu_ms"]
+    modes = ("batched", "one_at_a_time", "openpi_loop")
+    rps: dict[str, dict[int, list[float]]] = {m: {n: [] for n in clients} for m in modes}
+    batch_sizes: dict[int, list[float]] = {n: [] for n in clients}
+    cpu_rounds: dict[str, list[dict]] = {m: [] for m in modes}
+    top = max(clients)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for mode, max_batch in (("batched", args.max_batch), ("one_at_a_time", 1)):
+            server = PolicyServer(
+                policy, port=0, max_batch=max_batch, batch_window_ms=args.batch_window_ms
+            )
+            server.warmup()
+            urls[mode] = stack.enter_context(ServerThread(server)).url
+        urls["openpi_loop"] = stack.enter_context(OpenpiLoopServer(policy)).url
+        # 2. One client's latency through the server.
+        with WebsocketClientPolicy(urls["batched"], connect_timeout_s=30) as client:
+            obs = observation(image, text, mask)
+            for _ in range(3):
+                client.infer(obs)
+            served = []
+            for _ in range(args.requests):
+                t = time.perf_counter()
+                client.infer(obs)
+                served.append(time.perf_counter() - t)
+        served_p50, served_p99 = _percentiles(served)
+        # 3. Throughput: the three servers (idle but for the one measured) in turn, `rounds`
+        # times, so that a slower or faster minute of a shared machine falls on all of them.
+        for _ in range(args.rounds):
+            for n in clients:
+                for mode in modes:
+                    got = _throughput(urls[mode], scenes, n, args.seconds)
+                    rps[mode][n].append(got["rps"])
+                    if mode == "batched":
+                        batch_sizes[n].append(got["mean_batch"])
+                    if n == top:
+                        cpu_rounds[mode].append(got["cpu_ms"])
+    med = lambda xs: float(np.median(xs))
+    results = {m: {n: med(v) for n, v in rps[m].items()} for m in modes}
+    # Each round's ratio is of two runs seconds apart; the speedup is their median.
+    speedup = {
+        other: {
+            n: med([b / o for b, o in zip(rps["batched"][n], rps[other][n], strict=True)])
+            for n in clients
+        }
+        for other in ("openpi_loop", "one_at_a_time")
+    }
+    cpu = {
+        m: {g: float(np.mean([r.get(g, 0.0) for r in rows])) for g in rows[0]}
+        for m, rows in cpu_rounds.items()
+    }
 
     overhead = served_p50 - direct_p50
     print(f"{'one client, latency':<36}{'p50 ms':>10}{'p99 ms':>10}")
@@ -358,22 +382,25 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
     print()
     print(
         f"{'clients':<9}{'batched req/s':>14}{'(mean batch)':>13}{'openpi loop':>13}{'speedup':>9}"
-        f"{'ours, batch 1':>15}{'speedup':>9}"
+        f"{'ours, batch 1':>15}{'speedup':>9}   (medians of {args.rounds} rounds)"
     )
     for n in clients:
         b, o, one = (results[m][n] for m in ("batched", "openpi_loop", "one_at_a_time"))
         print(
-            f"{n:<9}{b:>14.1f}{batches['batched'][n]:>13.1f}{o:>13.1f}{b / o:>8.2f}x"
-            f"{one:>15.1f}{b / one:>8.2f}x"
+            f"{n:<9}{b:>14.1f}{med(batch_sizes[n]):>13.1f}{o:>13.1f}"
+            f"{speedup['openpi_loop'][n]:>8.2f}x{one:>15.1f}{speedup['one_at_a_time'][n]:>8.2f}x"
         )
-    top = max(clients)
+    print(
+        f"  each round at {top} clients, batched / openpi loop: "
+        + ", ".join(f"{b / o:.2f}x" for b, o in zip(rps["batched"][top], rps["openpi_loop"][top]))
+    )
     groups = ("XLA", "model thread", "event loop", "other", "clients")
     print(
         f"\nCPU ms per request at {top} clients, by thread (server process; the clients' process)"
     )
     print(f"{'':<15}" + "".join(f"{g:>14}" for g in groups) + f"{'total':>10}{'wall ms':>9}")
     for mode in ("batched", "openpi_loop"):
-        row = cpu[mode][top]
+        row = cpu[mode]
         total = sum(row.get(g, 0.0) for g in groups)
         print(
             f"{mode:<15}"
@@ -390,15 +417,17 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
         "requests_per_s": {
             mode: {str(n): round(v, 1) for n, v in r.items()} for mode, r in results.items()
         },
-        "mean_batch": {str(n): round(v, 2) for n, v in batches["batched"].items()},
+        "requests_per_s_rounds": {
+            mode: {str(n): [round(x, 1) for x in v] for n, v in r.items()}
+            for mode, r in rps.items()
+        },
+        "mean_batch": {str(n): round(med(v), 2) for n, v in batch_sizes.items()},
         f"cpu_ms_per_request_{top}": {
-            mode: {g: round(v, 3) for g, v in cpu[mode][top].items()}
+            mode: {g: round(v, 3) for g, v in cpu[mode].items()}
             for mode in ("batched", "openpi_loop")
         },
-        f"batched_speedup_{top}": round(results["batched"][top] / results["openpi_loop"][top], 2),
-        f"batched_vs_ours_batch1_{top}": round(
-            results["batched"][top] / results["one_at_a_time"][top], 2
-        ),
+        f"batched_speedup_{top}": round(speedup["openpi_loop"][top], 2),
+        f"batched_vs_ours_batch1_{top}": round(speedup["one_at_a_time"][top], 2),
     }
 
 
@@ -417,7 +446,10 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16", help="Concurrent clients to measure.")
     parser.add_argument("--max_batch", type=int, default=16, help="Batched mode's max batch.")
     parser.add_argument("--batch_window_ms", type=float, default=5.0)
-    parser.add_argument("--seconds", type=float, default=5.0, help="Per throughput point.")
+    parser.add_argument("--seconds", type=float, default=3.0, help="Per throughput point.")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="Throughput rounds (each server in turn)."
+    )
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
