@@ -208,45 +208,47 @@ def test_keep_last_equals_the_full_call(ref, scan, remat):
     cfg = config.replace(scan_layers=scan, remat=remat)
     params = {"params": convert_hf_llama(state, cfg)}
     llama = Llama(cfg)
-    rng = np.random.default_rng(5)
-    tokens = rng.integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 9)).astype(np.int32)
     positions, mask = _full_inputs(*tokens.shape)
-    run = jax.jit(
-        lambda p, n: llama.apply(
-            p, llama.apply(p, tokens, method=Llama.embed), positions, mask, keep_last=n
-        )[0],
-        static_argnums=1,
-    )
-    for n in (1, 4):
-        hidden = run(params, n)
-        chex.assert_shape(hidden, (2, n, cfg.width))
-        logits = llama.apply(params, hidden, method=Llama.logits)
-        chex.assert_trees_all_close(logits, _hf_logits(model, tokens)[:, -n:], atol=TOL, rtol=0)
-
     valid = jnp.asarray(np.arange(9)[None] != 4).repeat(2, 0)  # a gap, a bidirectional tail
-    bidirectional = jnp.asarray(np.arange(9)[None] >= 6).repeat(2, 0)
-    masked = llama_lib.make_attention_mask(valid, bidirectional)
+    masked = llama_lib.make_attention_mask(valid, jnp.asarray(np.arange(9)[None] >= 6).repeat(2, 0))
     pos = llama_lib.positions_from_mask(valid)
-    emb = llama.apply(params, tokens, method=Llama.embed)
+    key_valid = jnp.concatenate([valid, jnp.zeros((2, 3), bool)], axis=1)
+    cache_mask = llama_lib.make_cache_attention_mask(key_valid, 0, 9)
 
-    def loss(p, n):
-        hidden = llama.apply(p, emb, pos, masked, keep_last=n)[0]
-        return jnp.sum(jnp.square(hidden[:, -3:])), hidden[:, -3:]
+    @jax.jit  # one compilation (eager Flax dispatch is slow on a loaded CPU)
+    def run(p):
+        emb = llama.apply(p, tokens, method=Llama.embed)
+        logits = {
+            n: llama.apply(p, llama.apply(p, emb, positions, mask, keep_last=n)[0], method="logits")
+            for n in (1, 4)
+        }
 
-    (_, part), g_part = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, 3)
-    (_, full), g_full = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-        params, None
-    )
+        def loss(p, n):
+            hidden = llama.apply(p, emb, pos, masked, keep_last=n)[0][:, -3:]
+            return jnp.sum(jnp.square(hidden)), hidden
+
+        grads = {
+            k: jax.value_and_grad(loss, has_aux=True)(p, n)
+            for k, n in (("part", 3), ("full", None))
+        }
+        cache = KVCache.init(cfg, 2, 12)
+        cached = [llama.apply(p, emb, pos, cache_mask, cache, keep_last=n) for n in (1, None)]
+        return logits, grads, cached
+
+    logits, grads, cached = run(params)
+    for n in (1, 4):
+        chex.assert_shape(logits[n], (2, n, cfg.vocab_size))
+        chex.assert_trees_all_close(logits[n], _hf_logits(model, tokens)[:, -n:], atol=TOL, rtol=0)
+    (_, part), g_part = grads["part"]
+    (_, full), g_full = grads["full"]
     chex.assert_trees_all_close(part, full, atol=1e-5, rtol=0)
     chex.assert_trees_all_close(g_part, g_full, atol=1e-5, rtol=1e-5)
-
-    cache = KVCache.init(cfg, 2, 12)
-    key_valid = jnp.concatenate([valid, jnp.zeros((2, 3), bool)], axis=1)
-    cmask = llama_lib.make_cache_attention_mask(key_valid, 0, 9)
-    h_full, c_full = llama.apply(params, emb, pos, cmask, cache)
-    h_last, c_last = llama.apply(params, emb, pos, cmask, cache, keep_last=1)
+    (h_last, c_last), (h_full, c_full) = cached
+    chex.assert_shape(h_last, (2, 1, cfg.width))
     chex.assert_trees_all_close(h_last, h_full[:, -1:], atol=1e-5, rtol=0)
     chex.assert_trees_all_close(c_last, c_full, atol=0, rtol=0)
+    emb = llama.apply(params, tokens, method=Llama.embed)
     with pytest.raises(ValueError, match="keep_last=10"):
         llama.apply(params, emb, pos, masked, keep_last=10)
 
