@@ -356,13 +356,14 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
     med = lambda xs: float(np.median(xs))
     results = {m: {n: med(v) for n, v in rps[m].items()} for m in modes}
     # Each round's ratio is of two runs seconds apart; the speedup is their median.
-    speedup = {
+    ratios = {
         other: {
-            n: med([b / o for b, o in zip(rps["batched"][n], rps[other][n], strict=True)])
+            n: [b / o for b, o in zip(rps["batched"][n], rps[other][n], strict=True)]
             for n in clients
         }
         for other in ("openpi_loop", "one_at_a_time")
     }
+    speedup = {other: {n: med(r) for n, r in by_n.items()} for other, by_n in ratios.items()}
     cpu = {
         m: {g: float(np.mean([r.get(g, 0.0) for r in rows])) for g in rows[0]}
         for m, rows in cpu_rounds.items()
@@ -392,7 +393,7 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
         )
     print(
         f"  each round at {top} clients, batched / openpi loop: "
-        + ", ".join(f"{b / o:.2f}x" for b, o in zip(rps["batched"][top], rps["openpi_loop"][top]))
+        + ", ".join(f"{r:.2f}x" for r in ratios["openpi_loop"][top])
     )
     groups = ("XLA", "model thread", "event loop", "other", "clients")
     print(

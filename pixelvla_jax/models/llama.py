@@ -313,9 +313,11 @@ class Attention(nn.Module):
         """
         cfg = self.config
         b, length, _ = x.shape
-        if mask.shape[:2] != (b, length):
+        keys = length if cache_k is None else cache_k.shape[1]
+        if mask.shape != (b, length, keys):
             raise ValueError(
-                f"attn_mask has shape {mask.shape}, expected [B, L, Lk] with B, L = {(b, length)}"
+                f"attn_mask has shape {mask.shape}, expected {(b, length, keys)} "
+                "([B, L, L] without a cache, [B, L, cache max_len] with one)"
             )
         x_q, q_positions = x, positions
         if keep_last is not None:
@@ -345,11 +347,6 @@ class Attention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
 
-        if mask.shape[2] != k.shape[1]:
-            raise ValueError(
-                f"attn_mask has shape {mask.shape}, expected {(b, length, k.shape[1])} "
-                "([B, L, L] without a cache, [B, L, cache max_len] with one)"
-            )
         out = grouped_attention(q, k, v, mask, self.dtype)
         out = dense(cfg.width, ("heads", "embed"), "o_proj")(out)
         return out, cache_k, cache_v
