@@ -15,12 +15,13 @@ For each, in one process, on 127.0.0.1:
      request (wire format, websocket, queue, preprocessing hand-off);
   2. requests/s with each of `--clients` concurrent clients (each its own connection and
      observation, one request in flight, running `--seconds` each), served three ways: batched
-     (`--max_batch`); one at a time as openpi's `WebsocketPolicyServer` serves (its handler
+     (`--max_batch`, the server's defaults otherwise: on a CPU two batches on the model at
+     once, the clients splitting into two groups); one at a time as openpi's `WebsocketPolicyServer` serves (its handler
      calls `policy.infer` on the event loop: recv -> unpack -> infer -> pack -> send, one
      request at a time across all clients; reproduced here with the same wire format, request
      parsing and `Policy` preprocessing, so only the serving loop differs); and this
      project's server with `max_batch=1` (one request per model call, but preprocessing and
-     network I/O still overlap the model call). The three servers run side by side and are
+     network I/O still overlap the model call, and on a CPU two calls run at once). The three servers run side by side and are
      measured in turn, `--rounds` times at each client count: a shared machine's slower or
      faster minute then falls on all three (runs minutes apart differed by 15% and more). The
      table gives each server's median requests/s and, as the speedup, the median of the
@@ -329,6 +330,7 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
                 policy, port=0, max_batch=max_batch, batch_window_ms=args.batch_window_ms
             )
             server.warmup()
+            concurrent_batches = server.concurrent_batches
             urls[mode] = stack.enter_context(ServerThread(server)).url
         urls["openpi_loop"] = stack.enter_context(OpenpiLoopServer(policy)).url
         # 2. One client's latency through the server.
@@ -370,6 +372,7 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
     }
 
     overhead = served_p50 - direct_p50
+    print(f"(this server: up to {concurrent_batches} batches on the model at once)")
     print(f"{'one client, latency':<36}{'p50 ms':>10}{'p99 ms':>10}")
     print(f"{'  direct Policy.act':<36}{direct_p50:>10.2f}{direct_p99:>10.2f}")
     print(f"{'  through the server':<36}{served_p50:>10.2f}{served_p99:>10.2f}")
@@ -429,6 +432,7 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
         },
         f"batched_speedup_{top}": round(speedup["openpi_loop"][top], 2),
         f"batched_vs_ours_batch1_{top}": round(speedup["one_at_a_time"][top], 2),
+        "concurrent_batches": concurrent_batches,
     }
 
 

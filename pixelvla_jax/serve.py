@@ -31,13 +31,19 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def _define_flags() -> None:
     global _CHECKPOINT, _STEP, _HOST, _PORT, _MAX_BATCH, _WINDOW, _API_KEY_ENV, _RECORD
-    global _MAX_MB, _TIMEOUT
+    global _MAX_MB, _TIMEOUT, _CONCURRENT
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A workdir, checkpoints/ or export dir.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0: all).")
     _PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free port).")
     _MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Most requests per model call (1: none).")
     _WINDOW = flags.DEFINE_float("batch_window_ms", 5.0, "How long a batch waits for others.")
+    _CONCURRENT = flags.DEFINE_integer(
+        "concurrent_batches",
+        0,
+        "Most batches on the model at once (0: 2 on a CPU, where two calls use the cores one "
+        "leaves idle, 1 on an accelerator).",
+    )
     _API_KEY_ENV = flags.DEFINE_string(
         "api_key_env", "", "Environment variable holding the API key clients must send."
     )
@@ -52,10 +58,16 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     if not _CHECKPOINT.value:
         raise app.UsageError("--checkpoint=DIR is required (a workdir, checkpoints/ or export).")
-    if _MAX_BATCH.value < 1 or _WINDOW.value < 0 or _MAX_MB.value <= 0 or _TIMEOUT.value <= 0:
+    if (
+        _MAX_BATCH.value < 1
+        or _WINDOW.value < 0
+        or _MAX_MB.value <= 0
+        or _TIMEOUT.value <= 0
+        or _CONCURRENT.value < 0
+    ):
         raise InvalidInputError(
-            "--max_batch must be >= 1, --batch_window_ms >= 0, --max_message_mb and "
-            "--request_timeout_s > 0."
+            "--max_batch must be >= 1, --batch_window_ms and --concurrent_batches >= 0, "
+            "--max_message_mb and --request_timeout_s > 0."
         )
     api_key = None
     if _API_KEY_ENV.value:
@@ -81,6 +93,7 @@ def main(argv):
         port=_PORT.value,
         max_batch=_MAX_BATCH.value,
         batch_window_ms=_WINDOW.value,
+        concurrent_batches=_CONCURRENT.value or None,
         api_key=api_key,
         max_message_bytes=int(_MAX_MB.value * 2**20),
         request_timeout_s=_TIMEOUT.value,

@@ -11,6 +11,9 @@ import glob
 import http.client
 import os
 import re
+import sys
+import threading
+import time
 
 import ml_dtypes
 import msgpack
@@ -344,48 +347,60 @@ class _FakeRequest:
 
 
 class _FakeRunner:
-    """The model side as the Batcher sees it: rows are the requests; per-bucket times given."""
+    """The model side as the Batcher sees it: each call takes `call_s` and records its size
+    and how many calls ran at once; a request's actions are its index."""
 
-    def __init__(self, bucket_ms):
-        from pixelvla_jax.serving.batching import PolicyRunner
-
-        self.buckets = tuple(sorted(bucket_ms))
-        self.bucket_ms = dict(bucket_ms)
-        self.efficient_rows = lambda tolerance=None: PolicyRunner.efficient_rows(self, tolerance)
+    def __init__(self, call_s: float = 0.0):
+        self.call_s = call_s
         self.batches = []
-
-    def prepare_timed(self, request):
-        return request, 0.0
+        self.running = self.most_at_once = 0
+        self._lock = threading.Lock()
 
     def run(self, rows, seed):
         from pixelvla_jax.serving.batching import RowResult
 
-        self.batches.append(len(rows))
+        with self._lock:
+            self.batches.append(len(rows))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.call_s)
+        with self._lock:
+            self.running -= 1
         return [RowResult(actions=np.full((1, 7), r.index, np.float32)) for r in rows]
 
 
-def test_efficient_rows_follow_the_measured_bucket_times():
-    # A CPU: time grows with the batch, so half a batch is as cheap per row as a full one.
-    linear = _FakeRunner({1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2})
-    assert linear.efficient_rows(0.25) == {4, 7, 8, 13, 14, 15, 16}  # within 25% of 11.2 / 16
-    # An accelerator below capacity: the time hardly grows; only a (nearly) full batch does.
-    flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
-    assert flat.efficient_rows(0.25) == {13, 14, 15, 16}
-    assert _FakeRunner({}).efficient_rows(0.25) == frozenset()  # not warmed up: no early close
-    assert linear.efficient_rows() == frozenset()  # the default: the rule is off
-
-
-def test_batch_closes_early_when_its_rows_are_already_cheap(monkeypatch):
-    """16 clients connected, a 60 s window: with a linear model an idle model takes the 8
-    requests waiting (as cheap per row as 16) instead of waiting for the other 8; with a flat
-    one it waits for all 16 (every connected client has one waiting)."""
+async def _closed_loop_clients(runner, n_clients, requests_each, slots, window_s=60.0):
+    """`n_clients` clients of openpi's protocol (one request in flight each, the next sent as
+    the reply arrives) against a Batcher -> each client's replies, checked to be its own."""
     import asyncio
 
     from pixelvla_jax.serving.batching import Batcher
 
-    async def batches(runner, arrivals):
+    with concurrent.futures.ThreadPoolExecutor(slots) as pool:
+        batcher = Batcher(runner, 16, window_s, lambda: n_clients, pool, slots)
+        task = asyncio.create_task(batcher.run())
+
+        async def client(k):
+            for i in range(requests_each):
+                result = await batcher.submit(_FakeRequest(1000 * k + i))
+                assert int(result.actions[0, 0]) == 1000 * k + i
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(n_clients))), 30)
+        finally:
+            task.cancel()
+
+
+def test_one_model_slot_waits_for_every_connected_client():
+    """16 clients connected, a 60 s window, one slot: the requests arriving in three bursts
+    are one batch of 16 (every client has one waiting); one client never waits."""
+    import asyncio
+
+    from pixelvla_jax.serving.batching import Batcher
+
+    async def bursts(runner, arrivals):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(runner, 16, 60.0, lambda: 16, pool)
+            batcher = Batcher(runner, 16, 60.0, lambda: 16, pool, 1)
             task = asyncio.create_task(batcher.run())
             futures = []
             for n in arrivals:
@@ -394,16 +409,74 @@ def test_batch_closes_early_when_its_rows_are_already_cheap(monkeypatch):
             results = await asyncio.wait_for(asyncio.gather(*futures), 30)
             task.cancel()
         assert [int(r.actions[0, 0]) for r in results] == list(range(len(futures)))
-        return runner.batches
 
-    from pixelvla_jax.serving import batching
+    runner = _FakeRunner()
+    asyncio.run(bursts(runner, [5, 3, 8]))
+    assert runner.batches == [16]
+    runner = _FakeRunner()
+    t = time.perf_counter()
+    asyncio.run(_closed_loop_clients(runner, 1, 5, slots=1))
+    assert runner.batches == [1] * 5 and time.perf_counter() - t < 10  # not the 60 s window
 
-    linear = {1: 1.6, 2: 2.2, 4: 3.4, 8: 5.7, 16: 11.2}
-    assert asyncio.run(batches(_FakeRunner(linear), [5, 3, 8])) == [16]  # the default: off
-    monkeypatch.setattr(batching, "EFFICIENT_TOLERANCE", 0.25)
-    assert asyncio.run(batches(_FakeRunner(linear), [5, 3, 8])) == [8, 8]
-    flat = _FakeRunner({1: 10.0, 2: 10.1, 4: 10.2, 8: 10.5, 16: 11.0})
-    assert asyncio.run(batches(flat, [5, 3, 8])) == [16]
+
+def test_two_model_slots_split_the_clients_into_two_overlapping_groups():
+    """Two slots, 16 closed-loop clients: batches of 8 (each its share of the clients not in
+    a running batch), two on the model at once; each client gets its own replies."""
+    import asyncio
+
+    runner = _FakeRunner(call_s=0.2)
+    asyncio.run(_closed_loop_clients(runner, 16, 3, slots=2))
+    assert runner.batches == [8] * 6, runner.batches
+    assert runner.most_at_once == 2
+    runner = _FakeRunner(call_s=0.05)  # 4 clients: groups of 2; 1 client: batches of 1
+    asyncio.run(_closed_loop_clients(runner, 4, 3, slots=2))
+    assert runner.batches == [2] * 6, runner.batches
+    runner = _FakeRunner()
+    asyncio.run(_closed_loop_clients(runner, 1, 3, slots=2))
+    assert runner.batches == [1] * 3
+
+
+def test_a_batch_closes_after_the_window_when_clients_stay_silent():
+    """16 clients connected but 3 sending: the batch runs `window_s` after its first request
+    with the 3 that came."""
+    import asyncio
+
+    from pixelvla_jax.serving.batching import Batcher
+
+    async def three_of_sixteen(runner):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(runner, 16, 0.3, lambda: 16, pool, 1)
+            task = asyncio.create_task(batcher.run())
+            futures = [batcher.submit(_FakeRequest(k)) for k in range(3)]
+            results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+            task.cancel()
+        assert [int(r.actions[0, 0]) for r in results] == [0, 1, 2]
+
+    runner = _FakeRunner()
+    t = time.perf_counter()
+    asyncio.run(three_of_sixteen(runner))
+    elapsed = time.perf_counter() - t
+    assert runner.batches == [3] and 0.3 <= elapsed < 10, (runner.batches, elapsed)
+
+
+def test_model_threads_run_nicer_than_the_event_loop(policy):
+    """The server's model threads are `model_thread_nice` steps nicer than the thread that
+    made the server (Linux, where niceness is per thread)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread niceness is Linux's")
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice()
+    for step, want in ((7, min(19, base + 7)), (0, base)):
+        server = PolicyServer(policy, port=0, max_batch=1, model_thread_nice=step)
+        try:
+            got = {server._executor.submit(nice).result() for _ in range(4)}
+        finally:
+            server.close()
+        assert got == {want}, (step, got)
+    assert nice() == base  # the caller's own priority is unchanged
 
 
 def test_eight_concurrent_clients_get_their_own_actions_from_batched_calls(served, policy):
@@ -473,6 +546,42 @@ def _good(image, text, mask):
     return msgpack_numpy.packb(observation(image, text, mask))
 
 
+def _lost_mask_obs(text):
+    """A 300 px frame whose target mask is one pixel: gone once resized to the model's 56 px,
+    so a "points" prompt cannot be drawn from it."""
+    image = np.zeros((300, 300, 3), np.uint8)
+    mask = np.zeros((300, 300), np.uint8)
+    mask[3, 3] = 1
+    return msgpack_numpy.packb(observation(image, text, mask, "points"))
+
+
+def test_a_row_the_policy_refuses_fails_alone_in_its_batch(policy):
+    """A batch whose middle request the policy's preprocessing refuses: that request gets the
+    ValueError, the others their own `Policy.act` actions from one call without it."""
+    from pixelvla_jax.serving.batching import PolicyRunner
+    from pixelvla_jax.serving.requests import parse_request
+
+    kinds = ("none", "mask", "points", "line", "box")
+    (i0, t0, m0), (i1, t1, m1) = _scene(41), _scene(42)
+    requests = [
+        parse_request(msgpack_numpy.unpackb(m), kinds)
+        for m in (
+            msgpack_numpy.packb(observation(i0, t0, m0, "mask")),
+            _lost_mask_obs(t0),
+            msgpack_numpy.packb(observation(i1, t1, m1, "mask")),
+        )
+    ]
+    runner = PolicyRunner(policy, max_batch=4)
+    results = runner.run(requests, seed=0)
+    assert isinstance(results[1].error, ValueError) and results[1].actions is None
+    assert "empty after the resize" in str(results[1].error)
+    for r, (image, text, mask) in ((results[0], (i0, t0, m0)), (results[2], (i1, t1, m1))):
+        assert r.error is None and r.timing["batch_size"] == 2 and r.timing["padded_batch"] == 2
+        want = policy.act(image[None], [text], mask[None], ["mask"])[0]
+        np.testing.assert_allclose(r.actions, want, atol=1e-5)
+    assert (runner.calls, runner.rows) == (1, 2)
+
+
 def _bad_cases(image, text, mask):
     def obs(**changes):
         o = observation(image, text, mask)
@@ -519,6 +628,8 @@ def _bad_cases(image, text, mask):
             "needs a non-empty observation/target_mask",
         ),
         "empty prompt": (obs(prompt="   "), "non-empty str"),
+        # Refused by the policy's preprocessing on the model thread, not by the parser.
+        "mask lost in the resize": (_lost_mask_obs(text), "empty after the resize"),
         "points outside": (
             obs(**{"visual_prompt/points": np.array([[500.0, 2.0]])}),
             "outside",

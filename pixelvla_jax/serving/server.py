@@ -47,7 +47,14 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
 
 from pixelvla_jax.serving import msgpack_numpy
-from pixelvla_jax.serving.batching import Batcher, PolicyRunner, accepted_prompt_kinds
+from pixelvla_jax.serving.batching import (
+    MODEL_THREAD_NICE,
+    Batcher,
+    PolicyRunner,
+    accepted_prompt_kinds,
+    default_concurrent,
+    lower_thread_priority,
+)
 from pixelvla_jax.serving.requests import KEYS, RequestError, parse_request
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,10 @@ class PolicyServer:
       host, port: where to listen (port 0: any free port; `port` holds it once serving).
       max_batch: the most requests per model call (1: one at a time, as openpi's server).
       batch_window_ms: how long a batch waits for other clients' requests.
+      concurrent_batches: the most batches on the model at once, each from its own thread
+        (None: `batching.default_concurrent()`, 2 on a CPU, 1 on an accelerator).
+      model_thread_nice: how much nicer than the event loop the model threads run (Linux;
+        `batching.MODEL_THREAD_NICE`; 0: the same priority).
       api_key: when set, clients must send `Authorization: Api-Key <api_key>`.
       max_message_bytes: the largest request accepted.
       request_timeout_s: a request not answered by then gets an error.
@@ -81,6 +92,8 @@ class PolicyServer:
         port: int = 8000,
         max_batch: int = 8,
         batch_window_ms: float = 5.0,
+        concurrent_batches: int | None = None,
+        model_thread_nice: int = MODEL_THREAD_NICE,
         api_key: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         request_timeout_s: float = 30.0,
@@ -92,6 +105,11 @@ class PolicyServer:
         self.host, self.port = host, port
         self.max_batch = int(max_batch)
         self.window_s = float(batch_window_ms) / 1e3
+        self.concurrent_batches = (
+            default_concurrent() if concurrent_batches is None else int(concurrent_batches)
+        )
+        if self.concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches={concurrent_batches}: must be >= 1.")
         self.max_message_bytes = int(max_message_bytes)
         self.request_timeout_s = float(request_timeout_s)
         self.record_dir = record_dir
@@ -100,7 +118,12 @@ class PolicyServer:
         self.accepted_kinds = accepted_prompt_kinds(policy)
         self._connections = 0
         self._ids = itertools.count()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policy")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.concurrent_batches,
+            thread_name_prefix="policy",
+            initializer=lower_thread_priority,
+            initargs=(int(model_thread_nice),),
+        )
         self._recorder = (
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="record")
             if record_dir
@@ -143,6 +166,7 @@ class PolicyServer:
             "dataset_statistics_key": str(getattr(p, "dataset_name", "")),
             "checkpoint_step": -1 if getattr(p, "step", None) is None else int(p.step),
             "max_batch": self.max_batch,
+            "concurrent_batches": self.concurrent_batches,
             "max_message_bytes": self.max_message_bytes,
             "request_timeout_s": self.request_timeout_s,
         }
@@ -165,6 +189,7 @@ class PolicyServer:
             self.window_s,
             lambda: self._connections,
             self._executor,
+            self.concurrent_batches,
         )
         batch_task = asyncio.create_task(batcher.run())
         self._batcher = batcher
