@@ -14,14 +14,15 @@ For each, in one process, on 127.0.0.1:
      observation (batch of 1); the difference of the p50s is the server's overhead per
      request (wire format, websocket, queue, preprocessing hand-off);
   2. requests/s with each of `--clients` concurrent clients (each its own connection and
-     observation, one request in flight, running `--seconds` each), served three ways: batched
-     (`--max_batch`, the server's defaults otherwise: on a CPU two batches on the model at
-     once, the clients splitting into two groups); one at a time as openpi's `WebsocketPolicyServer` serves (its handler
-     calls `policy.infer` on the event loop: recv -> unpack -> infer -> pack -> send, one
-     request at a time across all clients; reproduced here with the same wire format, request
-     parsing and `Policy` preprocessing, so only the serving loop differs); and this
-     project's server with `max_batch=1` (one request per model call, but preprocessing and
-     network I/O still overlap the model call, and on a CPU two calls run at once). The three servers run side by side and are
+     observation, one request in flight, running `--seconds` each), served three ways:
+     batched (`--max_batch`, the server's defaults otherwise: on a CPU two batches on the
+     model at once, the clients splitting into two groups); one at a time as openpi's
+     `WebsocketPolicyServer` serves (its handler calls `policy.infer` on the event loop:
+     recv -> unpack -> infer -> pack -> send, one request at a time across all clients;
+     reproduced here with the same wire format, request parsing and `Policy` preprocessing,
+     so only the serving loop differs); and this project's server with `max_batch=1` (one
+     request per model call, but preprocessing and network I/O still overlap the model call,
+     and on a CPU two calls run at once). The three servers run side by side and are
      measured in turn, `--rounds` times at each client count: a shared machine's slower or
      faster minute then falls on all three (runs minutes apart differed by 15% and more). The
      table gives each server's median requests/s and, as the speedup, the median of the
