@@ -391,27 +391,32 @@ async def _closed_loop_clients(runner, n_clients, requests_each, slots, window_s
             task.cancel()
 
 
+async def _bursts(runner, arrivals, window_s):
+    """16 clients connected, one slot: `arrivals` requests come in bursts 50 ms apart (the
+    rest of the clients stay silent) -> checked that each request gets its own result."""
+    import asyncio
+
+    from pixelvla_jax.serving.batching import Batcher
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(runner, 16, window_s, lambda: 16, pool, 1)
+        task = asyncio.create_task(batcher.run())
+        futures = []
+        for n in arrivals:
+            futures += [batcher.submit(_FakeRequest(len(futures) + k)) for k in range(n)]
+            await asyncio.sleep(0.05)
+        results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        task.cancel()
+    assert [int(r.actions[0, 0]) for r in results] == list(range(len(futures)))
+
+
 def test_one_model_slot_waits_for_every_connected_client():
     """16 clients connected, a 60 s window, one slot: the requests arriving in three bursts
     are one batch of 16 (every client has one waiting); one client never waits."""
     import asyncio
 
-    from pixelvla_jax.serving.batching import Batcher
-
-    async def bursts(runner, arrivals):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(runner, 16, 60.0, lambda: 16, pool, 1)
-            task = asyncio.create_task(batcher.run())
-            futures = []
-            for n in arrivals:
-                futures += [batcher.submit(_FakeRequest(len(futures) + k)) for k in range(n)]
-                await asyncio.sleep(0.05)
-            results = await asyncio.wait_for(asyncio.gather(*futures), 30)
-            task.cancel()
-        assert [int(r.actions[0, 0]) for r in results] == list(range(len(futures)))
-
     runner = _FakeRunner()
-    asyncio.run(bursts(runner, [5, 3, 8]))
+    asyncio.run(_bursts(runner, [5, 3, 8], window_s=60.0))
     assert runner.batches == [16]
     runner = _FakeRunner()
     t = time.perf_counter()
@@ -441,20 +446,9 @@ def test_a_batch_closes_after_the_window_when_clients_stay_silent():
     with the 3 that came."""
     import asyncio
 
-    from pixelvla_jax.serving.batching import Batcher
-
-    async def three_of_sixteen(runner):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(runner, 16, 0.3, lambda: 16, pool, 1)
-            task = asyncio.create_task(batcher.run())
-            futures = [batcher.submit(_FakeRequest(k)) for k in range(3)]
-            results = await asyncio.wait_for(asyncio.gather(*futures), 30)
-            task.cancel()
-        assert [int(r.actions[0, 0]) for r in results] == [0, 1, 2]
-
     runner = _FakeRunner()
     t = time.perf_counter()
-    asyncio.run(three_of_sixteen(runner))
+    asyncio.run(_bursts(runner, [3], window_s=0.3))
     elapsed = time.perf_counter() - t
     assert runner.batches == [3] and 0.3 <= elapsed < 10, (runner.batches, elapsed)
 
