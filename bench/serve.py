@@ -331,7 +331,8 @@ def measure(policy, scenes: list, args, clients: list[int]) -> dict:
                 policy, port=0, max_batch=max_batch, batch_window_ms=args.batch_window_ms
             )
             server.warmup()
-            concurrent_batches = server.concurrent_batches
+            if mode == "batched":
+                concurrent_batches = server.concurrent_batches
             urls[mode] = stack.enter_context(ServerThread(server)).url
         urls["openpi_loop"] = stack.enter_context(OpenpiLoopServer(policy)).url
         # 2. One client's latency through the server.

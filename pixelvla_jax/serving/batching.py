@@ -183,8 +183,6 @@ class PolicyRunner:
     def warmup(self, image_hw: tuple[int, int] = (64, 64)) -> None:
         """Compiles every bucket (a blank frame, kind "none"), so nothing compiles once the
         server is up."""
-        from pixelvla_jax.serving.requests import Request
-
         blank = Request(np.zeros((*image_hw, 3), np.uint8), "warm up", None, "none", None, 0, 0)
         if getattr(self.policy, "uses_wrist_image", False):
             blank = dataclasses.replace(blank, wrist_image=blank.image)
